@@ -1,0 +1,137 @@
+"""The whole training configuration, and the named presets ``debug``, ``cpu`` and ``atari100k``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from agent.policy import PolicyConfig
+from agent.ppo import PPOConfig
+from worldmodel.decoder import DecoderConfig
+from worldmodel.encoder import EncoderConfig
+from worldmodel.predictor import PredictorConfig
+from worldmodel.reward_predictor import RewardConfig
+from worldmodel.trainer import OptimConfig
+from worldmodel.world_model import WorldModelConfig
+
+PRESETS = ("debug", "cpu", "atari100k")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``wm-agent train`` run needs. Env steps count agent steps summed over all env copies."""
+
+    env: str = "ALE/Breakout-v5"
+    """Environment id: any ``ALE/<Game>-v5`` or ``wm/Catch-v0``."""
+    steps: int = 100_000
+    """Total real env steps (agent steps, each 4 frames on ALE)."""
+    seed: int = 0
+    num_envs: int = 8
+    """Env copies stepped in lockstep."""
+    sticky_actions: float = 0.0
+    """Repeat-action probability: 0.0 is the Atari 100k protocol, 0.25 the ALE v5 default."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    threads: int = 0
+    """torch CPU threads; 0 = one per core."""
+    amp: bool = True
+    """bf16 autocast for the world model on CUDA (ignored on CPU)."""
+    warmup_steps: int = 5_000
+    """Random-action env steps before any learning."""
+    collect_steps: int = 256
+    """Env steps collected per Dyna iteration (all copies together)."""
+    wm_train_ratio: float = 1 / 16
+    """World-model gradient steps per env step."""
+    policy_train_ratio: float = 1 / 16
+    """Policy (imagination + PPO) updates per env step."""
+    wm_pretrain_updates: int = 200
+    """World-model updates right after warm-up, before the policy starts learning in imagination."""
+    batch_size: int = 32
+    """Sequences per world-model batch."""
+    rewarded_fraction: float = 0.25
+    """Share of each world-model batch drawn from sequences with a reward."""
+    replay_capacity: int = 100_000
+    """Frames kept in replay (64x64 uint8: 100k frames ~ 410 MB)."""
+    log_every: int = 1_000
+    """Env steps between log lines."""
+    checkpoint_every: int = 10_000
+    """Env steps between checkpoints (0 = only at the end)."""
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+def _small_world_model(embed_dim: int, depth: int, heads: int, channels: tuple[int, ...], context: int,
+                       pred_steps: int) -> WorldModelConfig:
+    return WorldModelConfig(
+        encoder=EncoderConfig(embed_dim=embed_dim, depth=depth, num_heads=heads),
+        predictor=PredictorConfig(embed_dim=embed_dim, depth=depth, num_heads=heads),
+        # One narrow cross-attention head: at 64x64 the decoder's 4096 queries dominate CPU time.
+        decoder=DecoderConfig(embed_dim=embed_dim, channels=channels, attn_dim=16, num_heads=1),
+        reward=RewardConfig(embed_dim=embed_dim, hidden_dim=embed_dim, num_heads=heads),
+        context=context,
+        pred_steps=pred_steps,
+    )
+
+
+def preset(name: str) -> TrainConfig:
+    """The named preset's configuration (a fresh copy)."""
+    if name == "atari100k":
+        # ARCHITECTURE.md's sizes, the Atari 100k protocol, a GPU-sized batch.
+        return TrainConfig(steps=100_000, batch_size=64, world_model=WorldModelConfig(context=6, pred_steps=2),
+                           wm_train_ratio=1 / 4, policy_train_ratio=1 / 4, num_envs=8, warmup_steps=5_000,
+                           ppo=PPOConfig(num_starts=1024), policy=PolicyConfig(hidden_dim=512))
+    if name == "cpu":
+        return TrainConfig(
+            steps=100_000,
+            batch_size=32,
+            world_model=_small_world_model(64, 2, 2, (32, 16, 8), context=4, pred_steps=3),
+            optim=OptimConfig(lr=1e-3),
+            policy=PolicyConfig(history=3, hidden_dim=256),
+            ppo=PPOConfig(num_starts=256),
+            warmup_steps=2_000,
+            wm_train_ratio=1 / 16,
+            policy_train_ratio=1 / 16,
+        )
+    if name == "debug":
+        return TrainConfig(
+            steps=600,
+            num_envs=2,
+            batch_size=8,
+            warmup_steps=100,
+            collect_steps=50,
+            wm_train_ratio=1 / 10,
+            policy_train_ratio=1 / 25,
+            wm_pretrain_updates=10,
+            replay_capacity=2_000,
+            log_every=100,
+            checkpoint_every=0,
+            world_model=_small_world_model(32, 1, 2, (16, 8, 8), context=3, pred_steps=2),
+            optim=OptimConfig(lr=1e-3, warmup_updates=5),
+            policy=PolicyConfig(history=2, hidden_dim=64),
+            ppo=PPOConfig(num_starts=32, horizon=5),
+        )
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> TrainConfig:
+    """Rebuild a TrainConfig from :func:`to_dict` output (tuples restored from JSON lists)."""
+    wm = d["world_model"]
+    dec = {**wm["decoder"], "channels": tuple(wm["decoder"]["channels"])}
+    world_model = WorldModelConfig(
+        encoder=EncoderConfig(**wm["encoder"]),
+        predictor=PredictorConfig(**wm["predictor"]),
+        decoder=DecoderConfig(**dec),
+        reward=RewardConfig(**wm["reward"]),
+        loss=type(WorldModelConfig().loss)(**wm["loss"]),
+        context=wm["context"],
+        pred_steps=wm["pred_steps"],
+    )
+    top = {k: v for k, v in d.items() if k not in ("world_model", "optim", "policy", "ppo")}
+    return TrainConfig(**top, world_model=world_model, optim=OptimConfig(**d["optim"]),
+                       policy=PolicyConfig(**d["policy"]), ppo=PPOConfig(**d["ppo"]))

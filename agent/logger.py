@@ -1,0 +1,92 @@
+"""Run logging: metrics to JSONL and TensorBoard on one env-step axis, progress on the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class RunLogger:
+    """Accumulates metric tensors between log steps (no host syncs in the hot loop), then writes
+    their means to ``metrics.jsonl`` and TensorBoard, and updates the progress display."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
+                 tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.console = console or Console()
+        self.pending: dict[str, list[torch.Tensor | float]] = defaultdict(list)
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.total = total_steps
+        self.start_time = time.time()
+        self.start_step = start_step
+        self.interactive = sys.stdout.isatty()
+        self.progress: Progress | None = None
+        if self.interactive:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[sps]:.0f} steps/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, sps=0.0, status="")
+            self.progress.start()
+        self.last: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
+        for k, v in metrics.items():
+            self.pending[k].append(v)
+
+    def flush(self, step: int) -> dict[str, float]:
+        """Average what was added since the last flush, write it at ``step`` and show a status line."""
+        row: dict[str, float] = {}
+        for k, vals in self.pending.items():
+            t = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().cpu() for v in vals])
+            t = t[torch.isfinite(t)]
+            if len(t):
+                row[k] = float(t.mean())
+        self.pending.clear()
+        elapsed = time.time() - self.start_time
+        sps = (step - self.start_step) / max(elapsed, 1e-9)
+        row["time/steps_per_s"] = sps
+        row["time/elapsed_s"] = elapsed
+        self.last.update(row)
+        self.metrics_file.write(json.dumps({"step": step, **row}) + "\n")
+        self.metrics_file.flush()
+        if self.writer is not None:
+            for k, v in row.items():
+                self.writer.add_scalar(k, v, step)
+        status = self.status_line()
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, sps=sps, status=status)
+        else:
+            eta = (self.total - step) / sps if sps > 0 else math.inf
+            print(f"step {step}/{self.total} | {sps:.0f} steps/s | ETA {eta:.0f}s | {status}", flush=True)
+        return row
+
+    def status_line(self) -> str:
+        parts = []
+        for key, label in (("charts/episode_return", "return"), ("world_model/loss", "wm"),
+                           ("world_model/reward_acc_rewarded", "rew_acc"), ("imagination/return", "imag"),
+                           ("policy/entropy", "ent")):
+            if key in self.last:
+                parts.append(f"{label} {self.last[key]:.3g}")
+        return " ".join(parts)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+        self.metrics_file.close()

@@ -1,0 +1,154 @@
+"""PPO on imagined rollouts, entirely in torch on the training device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from agent.policy import ActorCritic
+from agent.returns import gae
+from worldmodel.imagined_env import ImaginedEnv
+from worldmodel.twohot import symlog
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings for learning in imagination."""
+
+    horizon: int = 15
+    """Imagined steps per rollout."""
+    num_starts: int = 256
+    """Imagined episodes per rollout, each started from a real context sampled from replay."""
+    gamma: float = 0.985
+    lam: float = 0.95
+    clip: float = 0.2
+    """PPO ratio clipping."""
+    epochs: int = 2
+    """Passes over one rollout."""
+    minibatches: int = 4
+    entropy_coef: float = 3e-3
+    value_coef: float = 0.5
+    lr: float = 3e-4
+    grad_clip: float = 0.5
+    return_scale_decay: float = 0.99
+    """EMA decay of the 5th-95th percentile range of returns that advantages are divided by."""
+
+
+@dataclass
+class Rollout:
+    """``H`` imagined steps of ``B`` episodes, time-major."""
+
+    windows: torch.Tensor  # (H+1, B, K, E)
+    actions: torch.Tensor  # (H, B)
+    logprobs: torch.Tensor  # (H, B)
+    values: torch.Tensor  # (H+1, B) in the reward's scale
+    rewards: torch.Tensor  # (H, B)
+    continues: torch.Tensor  # (H, B) predicted probability of going on
+    truncated: torch.Tensor  # (H, B)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """``[H, B]``: probability that the imagined episode is still running at step ``t``."""
+        alive = torch.cumprod(self.continues, dim=0)
+        return torch.cat([torch.ones_like(alive[:1]), alive[:-1]], dim=0)
+
+    def imagined_return(self) -> torch.Tensor:
+        """Mean over episodes of the reward summed over the horizon (weighted by being alive)."""
+        return (self.rewards * self.weights).sum(0).mean()
+
+
+class PPO:
+    """Owns the policy's optimizer and the running return scale."""
+
+    def __init__(self, policy: ActorCritic, cfg: PPOConfig) -> None:
+        self.policy = policy
+        self.cfg = cfg
+        self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+        self.return_scale = torch.ones(())
+        self.updates = 0
+
+    @torch.no_grad()
+    def rollout(self, env: ImaginedEnv, context_frames: torch.Tensor) -> Rollout:
+        """Play the policy in ``env`` for its horizon from real frames ``[B, K, H, W]``."""
+        window = env.reset(context_frames)
+        windows, actions, logprobs, rewards, conts, truncs = [window], [], [], [], [], []
+        for _ in range(env.horizon):
+            logits, _ = self.policy(window)
+            dist = torch.distributions.Categorical(logits=logits)
+            a = dist.sample()
+            window, r, c, trunc, _ = env.step(a)
+            windows.append(window)
+            actions.append(a)
+            logprobs.append(dist.log_prob(a))
+            rewards.append(r)
+            conts.append(c)
+            truncs.append(trunc)
+        ws = torch.stack(windows)
+        H1, B = ws.shape[:2]
+        values = self.policy.value(ws.flatten(0, 1)).view(H1, B)
+        return Rollout(ws, torch.stack(actions), torch.stack(logprobs), values, torch.stack(rewards),
+                       torch.stack(conts), torch.stack(truncs))
+
+    def update(self, ro: Rollout) -> dict[str, torch.Tensor]:
+        """PPO epochs over one rollout; returns detached metrics."""
+        cfg = self.cfg
+        adv, ret = gae(ro.rewards, ro.values[:-1], ro.values[1:], ro.continues, ro.truncated, cfg.gamma, cfg.lam)
+        # Divide by the spread of returns, never below 1: unlike per-batch std normalisation, this does
+        # not blow up the noise advantages of a model that predicts no reward yet.
+        lo, hi = torch.quantile(ret.flatten().float(), torch.tensor([0.05, 0.95], device=ret.device))
+        self.return_scale = self.return_scale.to(ret.device)
+        self.return_scale = cfg.return_scale_decay * self.return_scale + (1 - cfg.return_scale_decay) * (hi - lo)
+        adv_n = adv / self.return_scale.clamp(min=1.0)
+
+        H, B = ro.actions.shape
+        flat = {
+            "windows": ro.windows[:-1].flatten(0, 1),
+            "actions": ro.actions.flatten(),
+            "logprobs": ro.logprobs.flatten(),
+            "adv": adv_n.flatten(),
+            "ret": symlog(ret).flatten(),
+            "w": ro.weights.flatten(),
+        }
+        n = H * B
+        mb = max(1, n // cfg.minibatches)
+        stats: dict[str, list[torch.Tensor]] = {"pg": [], "v": [], "ent": [], "kl": [], "clipfrac": []}
+        self.policy.train()
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, device=ro.actions.device)
+            for i in range(0, n, mb):
+                j = perm[i : i + mb]
+                logits, v = self.policy(flat["windows"][j])
+                dist = torch.distributions.Categorical(logits=logits)
+                logp = dist.log_prob(flat["actions"][j])
+                ratio = (logp - flat["logprobs"][j]).exp()
+                a, w = flat["adv"][j], flat["w"][j]
+                pg = -(torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a) * w).mean()
+                vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
+                ent = (dist.entropy() * w).mean()
+                loss = pg + cfg.value_coef * vloss - cfg.entropy_coef * ent
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                with torch.no_grad():
+                    stats["pg"].append(pg.detach())
+                    stats["v"].append(vloss.detach())
+                    stats["ent"].append(ent.detach())
+                    stats["kl"].append((flat["logprobs"][j] - logp).mean().detach())
+                    stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip).float().mean())
+        self.updates += 1
+        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+        return {
+            "policy/pg_loss": mean["pg"],
+            "policy/value_loss": mean["v"],
+            "policy/entropy": mean["ent"],
+            "policy/approx_kl": mean["kl"],
+            "policy/clipfrac": mean["clipfrac"],
+            "policy/return_scale": self.return_scale.detach().clone(),
+            "policy/advantage_abs": adv.abs().mean(),
+            "imagination/return": ro.imagined_return(),
+            "imagination/reward_mean": ro.rewards.mean(),
+            "imagination/continue_mean": ro.continues.mean(),
+        }

@@ -1,0 +1,199 @@
+"""A uint8 ring buffer of real transitions that serves sequences for world-model training.
+
+Each frame is stored once (no frame stacks). The buffer holds one stream per env copy, all
+written in lockstep: slot ``s`` of copy ``e`` holds the frame the agent saw, the action it took
+there, and what that action led to (reward, terminated, truncated, life loss). The next slot
+holds the next frame, unless it starts a new episode (``is_first``), so a sampled sequence of
+``T + 1`` frames never contains an ``is_first`` after its first frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worldmodel.batch import Batch
+
+_ARRAYS = ("frames", "actions", "rewards", "terminated", "truncated", "life_loss", "is_first")
+
+
+class ReplayError(ValueError):
+    """The buffer cannot serve what was asked (too little data, sequences longer than episodes)."""
+
+
+class ReplayBuffer:
+    """Ring buffer of ``capacity`` frames split evenly across ``num_envs`` streams."""
+
+    def __init__(self, capacity: int, num_envs: int, frame_shape: tuple[int, int] = (64, 64)) -> None:
+        if capacity < num_envs:
+            raise ReplayError(f"replay capacity {capacity} is smaller than num_envs {num_envs}")
+        self.num_envs = num_envs
+        self.slots = capacity // num_envs
+        self.frame_shape = frame_shape
+        S, N = self.slots, num_envs
+        self.frames = np.zeros((S, N, *frame_shape), dtype=np.uint8)
+        self.actions = np.zeros((S, N), dtype=np.int64)
+        self.rewards = np.zeros((S, N), dtype=np.float32)
+        self.terminated = np.zeros((S, N), dtype=bool)
+        self.truncated = np.zeros((S, N), dtype=bool)
+        self.life_loss = np.zeros((S, N), dtype=bool)
+        self.is_first = np.zeros((S, N), dtype=bool)
+        self.pos = 0
+        self.filled = 0
+
+    def __len__(self) -> int:
+        """Number of frames stored, all streams together."""
+        return self.filled * self.num_envs
+
+    @property
+    def capacity(self) -> int:
+        return self.slots * self.num_envs
+
+    def add(
+        self,
+        frames: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        life_loss: np.ndarray,
+        is_first: np.ndarray,
+    ) -> None:
+        """Store one lockstep step of every copy: ``frames[i]`` (uint8 ``[N, H, W]``) is what copy ``i``
+        saw, ``actions[i]`` what it did there, and the rest what followed; ``is_first[i]`` marks a
+        frame that starts an episode."""
+        p = self.pos
+        self.frames[p] = frames
+        self.actions[p] = actions
+        self.rewards[p] = rewards
+        self.terminated[p] = terminated
+        self.truncated[p] = truncated
+        self.life_loss[p] = life_loss
+        self.is_first[p] = is_first
+        self.pos = (p + 1) % self.slots
+        self.filled = min(self.filled + 1, self.slots)
+
+    def _oldest(self) -> int:
+        return self.pos if self.filled == self.slots else 0
+
+    def _valid_windows(self, starts: np.ndarray, envs: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """For logical start indices, the physical slot indices ``[K, length]`` and whether each window
+        stays inside one episode."""
+        idx = (self._oldest() + starts[:, None] + np.arange(length)[None, :]) % self.slots
+        crosses = self.is_first[idx[:, 1:], envs[:, None]].any(axis=1)
+        return idx, ~crosses
+
+    def sample(
+        self,
+        batch_size: int,
+        seq_len: int,
+        rng: np.random.Generator,
+        device: torch.device | str = "cpu",
+        rewarded_fraction: float = 0.0,
+    ) -> Batch:
+        """``batch_size`` sequences of ``seq_len`` frames (``seq_len - 1`` transitions) from single episodes.
+
+        ``rewarded_fraction`` of the batch (when available) is drawn from sequences with a non-zero
+        reward, so that a sparse reward head sees rewards often enough to learn them.
+        """
+        if seq_len < 2:
+            raise ReplayError(f"sequence length must be at least 2 frames, got {seq_len}")
+        if self.filled < seq_len:
+            raise ReplayError(f"replay holds {self.filled} steps per env, fewer than a sequence of {seq_len}")
+        n_rewarded = int(round(batch_size * rewarded_fraction))
+        chosen_idx: list[np.ndarray] = []
+        chosen_env: list[np.ndarray] = []
+        need_any, need_rew = batch_size - n_rewarded, n_rewarded
+        for attempt in range(64):
+            k = 4 * batch_size
+            starts = rng.integers(0, self.filled - seq_len + 1, size=k)
+            envs = rng.integers(0, self.num_envs, size=k)
+            idx, ok = self._valid_windows(starts, envs, seq_len)
+            idx, envs = idx[ok], envs[ok]
+            if need_rew > 0:
+                rew = (self.rewards[idx[:, :-1], envs[:, None]] != 0).any(axis=1)
+                take = np.flatnonzero(rew)[:need_rew]
+                chosen_idx.append(idx[take])
+                chosen_env.append(envs[take])
+                need_rew -= len(take)
+                idx, envs = np.delete(idx, take, axis=0), np.delete(envs, take)
+            take_n = min(need_any, len(idx))
+            chosen_idx.append(idx[:take_n])
+            chosen_env.append(envs[:take_n])
+            need_any -= take_n
+            if need_any == 0 and need_rew == 0:
+                break
+            if need_any == 0 and need_rew > 0 and attempt >= 8:
+                # Few rewarded sequences exist yet: fill the rest of the batch with any valid ones.
+                need_any, need_rew = need_rew, 0
+        if need_any > 0 or need_rew > 0:
+            raise ReplayError(
+                f"could not find {batch_size} sequences of {seq_len} frames inside single episodes; "
+                "episodes in the buffer may be shorter than the sequence length"
+            )
+        idx = np.concatenate(chosen_idx)
+        envs = np.concatenate(chosen_env)[:, None]
+        tr = idx[:, :-1]
+        batch = Batch(
+            frames=torch.from_numpy(self.frames[idx, envs]),
+            actions=torch.from_numpy(self.actions[tr, envs]),
+            rewards=torch.from_numpy(self.rewards[tr, envs]),
+            terminated=torch.from_numpy(self.terminated[tr, envs]),
+            life_loss=torch.from_numpy(self.life_loss[tr, envs]),
+            truncated=torch.from_numpy(self.truncated[tr, envs]),
+        )
+        return batch.to(device)
+
+    def recent_rewards(self, n: int) -> np.ndarray:
+        """The rewards of the last ``n`` steps of every stream, float32 ``[n', N]``."""
+        n = min(n, self.filled)
+        idx = (self.pos - n + np.arange(n)) % self.slots
+        return self.rewards[idx]
+
+    def save(self, directory: str | Path) -> None:
+        """Write the buffer to ``directory`` (replaced atomically: a crash mid-write keeps the old copy)."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        n = self.filled
+        order = (self._oldest() + np.arange(n)) % self.slots
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(self, name)[order])
+        meta = {"slots": self.slots, "num_envs": self.num_envs, "filled": n, "frame_shape": list(self.frame_shape)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old.exists():
+            shutil.rmtree(old)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ReplayBuffer:
+        """Read a buffer written by :meth:`save`."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+            buf = cls(meta["slots"] * meta["num_envs"], meta["num_envs"], tuple(meta["frame_shape"]))
+            n = meta["filled"]
+            for name in _ARRAYS:
+                arr = np.load(directory / f"{name}.npy", allow_pickle=False)
+                if arr.shape[0] != n:
+                    raise ReplayError(f"{directory / (name + '.npy')}: {arr.shape[0]} rows, meta.json says {n}")
+                getattr(buf, name)[:n] = arr
+        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+            if isinstance(e, ReplayError):
+                raise
+            raise ReplayError(f"cannot read replay buffer in {directory}: {e}") from e
+        buf.filled = n
+        buf.pos = n % buf.slots
+        return buf

@@ -1,0 +1,94 @@
+"""Replay buffer: alignment, episode boundaries, wrap-around, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agent.replay import ReplayBuffer, ReplayError
+
+
+def scripted_fill(buf: ReplayBuffer, steps: int, num_envs: int, episode_len: int) -> None:
+    """Frames encode the step (mod 256) in pixel (0, 0) and the copy in pixel (0, 1); copy e ends an
+    episode after episode_len + e steps (NEXT_STEP autoreset: the final frame is stored, then a first
+    frame follows). Actions encode the step too, rewards are 1 exactly on terminal transitions."""
+    t_in_ep = np.zeros(num_envs, dtype=int)
+    is_first = np.ones(num_envs, dtype=bool)
+    for step in range(steps):
+        frames = np.zeros((num_envs, 64, 64), dtype=np.uint8)
+        frames[:, 0, 0] = step % 256
+        frames[:, 0, 1] = np.arange(num_envs)
+        actions = np.full(num_envs, step % 7)
+        ends = t_in_ep == episode_len + np.arange(num_envs)
+        rewards = np.where(ends, 1.0, 0.0).astype(np.float32)
+        buf.add(frames, actions, rewards, ends, np.zeros(num_envs, bool), np.zeros(num_envs, bool), is_first)
+        is_first = t_in_ep > episode_len + np.arange(num_envs)  # the step after the final frame
+        t_in_ep = np.where(is_first, 0, t_in_ep + 1)
+
+
+def test_alignment_and_no_episode_crossing() -> None:
+    buf = ReplayBuffer(capacity=4 * 250, num_envs=4)
+    scripted_fill(buf, 250, 4, episode_len=10)
+    b = buf.sample(64, 5, np.random.default_rng(0))
+    assert b.frames.shape == (64, 5, 64, 64) and b.frames.dtype == torch.uint8
+    assert b.actions.shape == (64, 4) and b.rewards.shape == (64, 4)
+    step = b.frames[:, :, 0, 0].long()
+    # consecutive frames are consecutive steps: no gap, no crossing
+    assert torch.all(step[:, 1:] - step[:, :-1] == 1)
+    # action t is the one taken at frame t, and its reward is the terminal's reward
+    assert torch.equal(b.actions, step[:, :-1] % 7)
+    assert torch.equal(b.rewards, b.terminated.float())
+    # a terminal transition can only be the last one (after it comes the final frame, then a new episode)
+    assert not b.terminated[:, :-1].any()
+    env = b.frames[:, 0, 0, 1].long()
+    for i in range(64):
+        assert not buf.is_first[step[i, 1:].numpy(), env[i].item()].any()
+
+
+def test_wraparound_keeps_only_recent_and_contiguous() -> None:
+    buf = ReplayBuffer(capacity=2 * 50, num_envs=2)
+    scripted_fill(buf, 130, 2, episode_len=1000)
+    assert len(buf) == 100
+    b = buf.sample(128, 8, np.random.default_rng(1))
+    step = b.frames[:, :, 0, 0].long()
+    assert step.min() >= 80  # only the last 50 steps remain
+    assert torch.all(step[:, 1:] - step[:, :-1] == 1)
+
+
+def test_rewarded_fraction_oversamples_rewards() -> None:
+    buf = ReplayBuffer(capacity=4 * 400, num_envs=4)
+    scripted_fill(buf, 400, 4, episode_len=20)
+    rng = np.random.default_rng(0)
+    plain = buf.sample(256, 4, rng)
+    boosted = buf.sample(256, 4, rng, rewarded_fraction=0.5)
+    has = lambda b: (b.rewards >= 1.0).any(dim=1).float().mean().item()  # noqa: E731
+    assert has(boosted) >= 0.5 > has(plain)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    buf = ReplayBuffer(capacity=3 * 40, num_envs=3)
+    scripted_fill(buf, 70, 3, episode_len=7)
+    buf.save(tmp_path / "replay")
+    loaded = ReplayBuffer.load(tmp_path / "replay")
+    assert len(loaded) == len(buf)
+    a = buf.sample(32, 4, np.random.default_rng(5))
+    b = loaded.sample(32, 4, np.random.default_rng(5))
+    for name in ("frames", "actions", "rewards", "terminated", "life_loss", "truncated"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_errors_are_clear() -> None:
+    buf = ReplayBuffer(capacity=100, num_envs=2)
+    scripted_fill(buf, 10, 2, episode_len=3)
+    with pytest.raises(ReplayError, match="fewer than a sequence"):
+        buf.sample(4, 20, np.random.default_rng(0))
+    with pytest.raises(ReplayError, match="single episodes"):
+        buf.sample(4, 8, np.random.default_rng(0))
+
+
+def test_memory_of_100k_frames() -> None:
+    buf = ReplayBuffer(capacity=100_000, num_envs=8)
+    total = sum(getattr(buf, n).nbytes for n in ("frames", "actions", "rewards", "terminated", "truncated",
+                                                  "life_loss", "is_first"))
+    assert total < 450e6

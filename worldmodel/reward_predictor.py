@@ -1,0 +1,53 @@
+"""Transition head: (latents before, latents after) -> reward (or any per-transition output)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import repeat
+from torch import nn
+
+
+@dataclass
+class RewardConfig:
+    """Sizes of a ``RewardPredictor``."""
+
+    embed_dim: int = 128
+    """Width of the input latents."""
+    hidden_dim: int = 128
+    """Width of the projected tokens, the attention and the MLP head."""
+    num_heads: int = 4
+    """Attention heads of the CLS token's attention."""
+    out_dim: int = 1
+    """Outputs per transition: 1 for a scalar (reward or a continue logit), more for e.g. two-hot
+    reward-bin logits."""
+
+
+class RewardPredictor(nn.Module):
+    """Predicts a per-transition output from the latents before and after it: both are projected,
+    concatenated into one sequence behind a learnable CLS token, the CLS token attends to the whole
+    sequence (itself included), and an MLP head reads its output."""
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_dim
+        self.proj = nn.Linear(cfg.embed_dim, H)
+        # Shared projection for both inputs; this 2-entry embedding (0 = before, 1 = after) lets the
+        # head tell z_t's tokens from z_next's.
+        self.which_input = nn.Embedding(2, H)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, H) * 0.02)
+        self.attn = nn.MultiheadAttention(H, cfg.num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(H)
+        self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, cfg.out_dim))
+
+    def forward(self, z_t: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
+        """``z_t [B, T, E]``, ``z_next [B, T, E]`` -> ``[B, 1, out_dim]``."""
+        B, T, E = z_t.shape
+        before = self.proj(z_t) + self.which_input.weight[0]  # (B, T, H)
+        after = self.proj(z_next) + self.which_input.weight[1]  # (B, T, H)
+        cls = repeat(self.cls_token, "1 1 h -> b 1 h", b=B)
+        seq = torch.cat([cls, before, after], dim=1)  # (B, 2T+1, H)
+        out, _ = self.attn(cls, seq, seq, need_weights=False)  # (B, 1, H)
+        return self.head(self.norm(out))

@@ -1,0 +1,68 @@
+"""One world-model gradient step at a time: optimizer, gradient clipping, optional bf16 autocast."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from worldmodel.batch import Batch
+from worldmodel.world_model import WorldModel
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings (AdamW)."""
+
+    lr: float = 6e-4
+    """Learning rate; the prototype needed a high one before the decoder drew the ball."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value."""
+    warmup_updates: int = 100
+    """Linear learning-rate warm-up over this many updates."""
+    eps: float = 1e-6
+
+
+def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when ``enabled``; a disabled context elsewhere (CPU runs fp32)."""
+    use = enabled and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def make_optimizer(params: list[torch.nn.Parameter] | object, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+class WorldModelTrainer:
+    """Owns the world model's optimizer; ``update(batch)`` is one gradient step."""
+
+    def __init__(self, model: WorldModel, cfg: OptimConfig, device: torch.device, amp: bool = True) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.amp = amp
+        self.optimizer = make_optimizer(model.parameters(), cfg)
+        self.updates = 0
+        self.skipped = 0
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step on ``batch``; returns detached metrics. A non-finite loss skips the step."""
+        self.model.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.lr * min(1.0, (self.updates + 1) / max(1, self.cfg.warmup_updates))
+        with autocast_context(self.device, self.amp):
+            loss, metrics = self.model.compute_loss(batch)
+        if not math.isfinite(loss.item()):
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            metrics["world_model/skipped_updates"] = torch.tensor(float(self.skipped))
+            return metrics
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        metrics["world_model/grad_norm"] = grad_norm.detach()
+        return metrics

@@ -1,0 +1,218 @@
+"""The world model: encoder, latent dynamics, decoder, reward and continue heads, and their losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from worldmodel.batch import Batch
+from worldmodel.decoder import DecoderConfig, HybridConvTransformerDecoder
+from worldmodel.encoder import EncoderConfig, VideoViT
+from worldmodel.predictor import LatentDynamicsPredictor, PredictorConfig
+from worldmodel.reward_predictor import RewardConfig, RewardPredictor
+from worldmodel.twohot import make_bins, twohot, twohot_decode
+
+
+@dataclass
+class LossConfig:
+    """Weights and settings of the world-model loss."""
+
+    next_frame: float = 1.0
+    """Weight of the next-frame reconstruction (predictor -> decoder), the document's training signal."""
+    current_frame: float = 1.0
+    """Weight of reconstructing the current frame from its own latent (keeps every latent decodable)."""
+    latent: float = 1.0
+    """Weight of pulling the predicted latent toward the (stop-gradient) encoding of the real next frame."""
+    latent_rep: float = 0.1
+    """Weight of pulling the encoding toward the (stop-gradient) prediction, so the latent stays predictable."""
+    reward: float = 1.0
+    """Weight of the two-hot reward cross-entropy."""
+    cont: float = 1.0
+    """Weight of the continue (termination) binary cross-entropy."""
+    moving_pixel_weight: float = 20.0
+    """Extra weight on pixels that change between consecutive frames: plain MSE ignores a small ball."""
+    moving_threshold: float = 0.05
+    """A pixel 'moves' when its value in [0, 1] changes by more than this between frames."""
+    reward_bins: int = 65
+    reward_limit: float = 8.0
+    """Two-hot reward bins span [-limit, limit] in symlog space (symlog(3000) ~ 8)."""
+
+
+@dataclass
+class WorldModelConfig:
+    """Sizes of every component; the defaults are ARCHITECTURE.md's example sizes."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    context: int = 6
+    """Frames of history the predictor sees (K)."""
+    pred_steps: int = 1
+    """Next-frame predictions trained per sampled sequence (P); sequences hold K + P frames."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.context + self.pred_steps
+
+
+@dataclass
+class Prediction:
+    """One imagined step: the next latent, its reward and the probability that the episode goes on."""
+
+    latent: torch.Tensor  # (B, 1, E)
+    reward: torch.Tensor  # (B,)
+    cont: torch.Tensor  # (B,) in [0, 1]
+
+
+def moving_mask(prev: torch.Tensor, nxt: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pixels that change between two frames in [0, 1], grown by one pixel: ``[..., H, W]`` float."""
+    changed = ((nxt - prev).abs() > threshold).float()
+    shape = changed.shape
+    grown = F.max_pool2d(changed.reshape(-1, 1, *shape[-2:]), 3, stride=1, padding=1)
+    return grown.reshape(shape)
+
+
+def balanced_weights(is_positive: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights that give both classes of ``is_positive`` (bool ``[N]``) half the total
+    weight, so a rare class is not drowned by the majority; mean weight is 1."""
+    n = is_positive.numel()
+    pos = is_positive.float()
+    n_pos = pos.sum().clamp(min=1.0)
+    n_neg = (n - pos.sum()).clamp(min=1.0)
+    if pos.sum() == 0 or pos.sum() == n:
+        return torch.ones_like(pos)
+    return pos * (n / (2 * n_pos)) + (1 - pos) * (n / (2 * n_neg))
+
+
+class WorldModel(nn.Module):
+    """VideoViT encoder + LatentDynamicsPredictor + HybridConvTransformerDecoder + RewardPredictor,
+    plus a continue head (a second RewardPredictor with one logit) so imagined episodes can end."""
+
+    def __init__(self, cfg: WorldModelConfig, num_actions: int) -> None:
+        super().__init__()
+        E = cfg.encoder.embed_dim
+        for name, sub in (("predictor", cfg.predictor), ("decoder", cfg.decoder), ("reward", cfg.reward)):
+            if sub.embed_dim != E:
+                raise ValueError(f"{name}.embed_dim={sub.embed_dim} must equal encoder.embed_dim={E}")
+        if cfg.context > cfg.predictor.max_context:
+            raise ValueError(f"context {cfg.context} exceeds predictor.max_context {cfg.predictor.max_context}")
+        self.cfg = cfg
+        self.num_actions = num_actions
+        self.encoder = VideoViT(cfg.encoder)
+        self.predictor = LatentDynamicsPredictor(cfg.predictor, num_actions)
+        self.decoder = HybridConvTransformerDecoder(cfg.decoder)
+        self.reward_head = RewardPredictor(
+            RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins})
+        )
+        self.cont_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": 1}))
+        self.register_buffer("reward_bins", make_bins(cfg.loss.reward_bins, cfg.loss.reward_limit), persistent=False)
+
+    @staticmethod
+    def to_float(frames: torch.Tensor) -> torch.Tensor:
+        return frames.float() / 255.0
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[B, T, H, W]`` -> latents ``[B, T, E]``."""
+        return self.encoder(self.to_float(frames).unsqueeze(1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, E]`` -> frames ``[B, H, W]`` in (roughly) [0, 1]."""
+        return self.decoder(z.unsqueeze(1))[:, 0, 0]
+
+    def heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward logits ``[B, bins]`` and continue logits ``[B]`` of transitions ``z_t -> z_next`` (``[B, E]`` each)."""
+        a, b = z_t.unsqueeze(1), z_next.unsqueeze(1)
+        return self.reward_head(a, b)[:, 0], self.cont_head(a, b)[:, 0, 0]
+
+    @torch.no_grad()
+    def imagine_step(self, window: torch.Tensor, action: torch.Tensor) -> Prediction:
+        """Latent window ``[B, K, E]`` and actions ``[B]`` -> the next latent, reward and continue probability."""
+        z_next = self.predictor(window, action)  # (B, 1, E)
+        rew_logits, cont_logit = self.heads(window[:, -1], z_next[:, 0])
+        return Prediction(z_next, twohot_decode(rew_logits, self.reward_bins), torch.sigmoid(cont_logit))
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch of ``K + P`` frame sequences; metrics are detached tensors."""
+        cfg, lc = self.cfg, self.cfg.loss
+        K, P = cfg.context, cfg.pred_steps
+        B, L, H, W = batch.frames.shape
+        if L != K + P:
+            raise ValueError(f"batch has sequences of {L} frames, the world model trains on K+P={K + P}")
+        x = self.to_float(batch.frames)  # (B, L, H, W)
+        z = self.encoder(x.unsqueeze(1))  # (B, L, E)
+
+        # P windows of K latents per sequence, each predicting the latent that follows it.
+        ctx = torch.stack([z[:, p : p + K] for p in range(P)], dim=1)  # (B, P, K, E)
+        ctx = rearrange(ctx, "b p k e -> (b p) k e")
+        act = rearrange(batch.actions[:, K - 1 : K - 1 + P], "b p -> (b p)")
+        z_pred = self.predictor(ctx, act)[:, 0]  # (B*P, E)
+        z_now = rearrange(z[:, K - 1 : K - 1 + P], "b p e -> (b p) e")
+        z_next = rearrange(z[:, K : K + P], "b p e -> (b p) e")
+
+        x_now = rearrange(x[:, K - 1 : K - 1 + P], "b p h w -> (b p) h w")
+        x_next = rearrange(x[:, K : K + P], "b p h w -> (b p) h w")
+        x_prev = rearrange(x[:, K - 2 : K - 2 + P], "b p h w -> (b p) h w") if K >= 2 else x_now
+        recon = self.decode(torch.cat([z_pred, z_now]))  # (2*B*P, H, W)
+        next_hat, now_hat = recon.chunk(2)
+        move_next = moving_mask(x_now, x_next, lc.moving_threshold)
+        move_now = moving_mask(x_prev, x_now, lc.moving_threshold)
+        next_err = (next_hat - x_next).square()
+        now_err = (now_hat - x_now).square()
+        loss_next = (next_err * (1 + lc.moving_pixel_weight * move_next)).mean()
+        loss_now = (now_err * (1 + lc.moving_pixel_weight * move_now)).mean()
+
+        # The predictor must land where the encoder would put the real next frame: imagination feeds
+        # predicted latents back in as context. The small reverse term keeps the encoding predictable.
+        loss_latent = F.mse_loss(z_pred, z_next.detach())
+        loss_rep = F.mse_loss(z_next, z_pred.detach())
+
+        rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
+        cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
+        rew_logits, cont_logit = self.heads(z_now, z_pred)
+        rewarded = rew != 0
+        rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
+        loss_reward = (rew_ce * balanced_weights(rewarded)).mean()
+        cont_bce = F.binary_cross_entropy_with_logits(cont_logit, cont, reduction="none")
+        loss_cont = (cont_bce * balanced_weights(cont < 0.5)).mean()
+
+        loss = (
+            lc.next_frame * loss_next
+            + lc.current_frame * loss_now
+            + lc.latent * loss_latent
+            + lc.latent_rep * loss_rep
+            + lc.reward * loss_reward
+            + lc.cont * loss_cont
+        )
+        with torch.no_grad():
+            moving = move_next > 0
+            n_moving = moving.sum().clamp(min=1)
+            rew_hat = twohot_decode(rew_logits, self.reward_bins)
+            rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
+            n_rew = rewarded.sum()
+            ended = cont < 0.5
+            cont_ok = (cont_logit > 0) == (cont > 0.5)
+            metrics = {
+                "world_model/loss": loss.detach(),
+                "world_model/next_frame_loss": loss_next.detach(),
+                "world_model/current_frame_loss": loss_now.detach(),
+                "world_model/latent_loss": loss_latent.detach(),
+                "world_model/reward_loss": loss_reward.detach(),
+                "world_model/cont_loss": loss_cont.detach(),
+                "world_model/next_frame_mse": next_err.mean(),
+                "world_model/next_frame_mse_moving": (next_err * moving).sum() / n_moving,
+                "world_model/copy_last_mse_moving": ((x_next - x_now).square() * moving).sum() / n_moving,
+                "world_model/recon_mse": now_err.mean(),
+                "world_model/reward_acc": rew_ok.float().mean(),
+                "world_model/reward_acc_rewarded": (rew_ok & rewarded).sum() / n_rew.clamp(min=1),
+                "world_model/reward_acc_unrewarded": (rew_ok & ~rewarded).sum() / (~rewarded).sum().clamp(min=1),
+                "world_model/rewarded_fraction": rewarded.float().mean(),
+                "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
+                "world_model/cont_acc": cont_ok.float().mean(),
+            }
+        return loss, metrics
