@@ -55,8 +55,10 @@ def _validate(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.sticky_actions < 1.0:
         raise UsageError(f"--sticky-actions must be in [0, 1), got {cfg.sticky_actions}")
     if cfg.replay_capacity // cfg.num_envs < cfg.world_model.seq_len:
-        raise UsageError(f"--replay-capacity {cfg.replay_capacity} cannot hold sequences of "
-                         f"{cfg.world_model.seq_len} frames in each of {cfg.num_envs} envs")
+        raise UsageError(
+            f"--replay-capacity {cfg.replay_capacity} cannot hold sequences of "
+            f"{cfg.world_model.seq_len} frames in each of {cfg.num_envs} envs"
+        )
 
 
 def train_main(argv: list[str]) -> int:
@@ -77,14 +79,23 @@ def train_main(argv: list[str]) -> int:
         name = known.preset or ("atari100k" if torch.cuda.is_available() else "cpu")
         if name not in PRESETS:
             return _fail(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        description = (f"Train wm-agent. Preset: {name} (--preset {{{','.join(PRESETS)}}}). "
-                       "Also: --run-dir DIR, --resume RUN_DIR, --name NAME.")
-        cfg = tyro.cli(TrainConfig, default=preset(name), args=rest, prog="wm-agent train",
-                       description=description, config=(tyro.conf.FlagConversionOff,))
+        description = (
+            f"Train wm-agent. Preset: {name} (--preset {{{','.join(PRESETS)}}}). "
+            "Also: --run-dir DIR, --resume RUN_DIR, --name NAME."
+        )
+        cfg = tyro.cli(
+            TrainConfig,
+            default=preset(name),
+            args=rest,
+            prog="wm-agent train",
+            description=description,
+            config=(tyro.conf.FlagConversionOff,),
+        )
         run_dir = Path(known.run_dir) if known.run_dir else default_run_dir(cfg, known.name)
         if (run_dir / "config.json").exists():
-            return _fail(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, "
-                         "or choose another --run-dir")
+            return _fail(
+                f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or choose another --run-dir"
+            )
     try:
         _validate(cfg)
         trainer = DynaTrainer(cfg, run_dir, resume=bool(known.resume))
@@ -93,18 +104,23 @@ def train_main(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     console = Console()
-    console.print(f"wm-agent train: {cfg.env} ({trainer.env.num_actions} actions, sticky actions "
-                  f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}",
-                  highlight=False)
+    console.print(
+        f"wm-agent train: {cfg.env} ({trainer.env.num_actions} actions, sticky actions "
+        f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}",
+        highlight=False,
+    )
     logger = RunLogger(run_dir, cfg.steps, start_step=trainer.counters.env_steps, console=console)
     try:
         summary = trainer.train(logger)
     finally:
         logger.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"done: {summary['env_steps']} env steps, {summary['episodes']} episodes, "
-                  f"mean return of the last 100 episodes {summary['return_last100']:.3f}; "
-                  f"checkpoint in {trainer.checkpoint_path()}", highlight=False)
+    console.print(
+        f"done: {summary['env_steps']} env steps, {summary['episodes']} episodes, "
+        f"mean return of the last 100 episodes {summary['return_last100']:.3f}; "
+        f"checkpoint in {trainer.checkpoint_path()}",
+        highlight=False,
+    )
     return 0
 
 

@@ -62,8 +62,9 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
-def _small_world_model(embed_dim: int, depth: int, heads: int, channels: tuple[int, ...], context: int,
-                       pred_steps: int) -> WorldModelConfig:
+def _small_world_model(
+    embed_dim: int, depth: int, heads: int, channels: tuple[int, ...], context: int, pred_steps: int
+) -> WorldModelConfig:
     return WorldModelConfig(
         encoder=EncoderConfig(embed_dim=embed_dim, depth=depth, num_heads=heads),
         predictor=PredictorConfig(embed_dim=embed_dim, depth=depth, num_heads=heads),
@@ -79,9 +80,17 @@ def preset(name: str) -> TrainConfig:
     """The named preset's configuration (a fresh copy)."""
     if name == "atari100k":
         # ARCHITECTURE.md's sizes, the Atari 100k protocol, a GPU-sized batch.
-        return TrainConfig(steps=100_000, batch_size=64, world_model=WorldModelConfig(context=6, pred_steps=2),
-                           wm_train_ratio=1 / 4, policy_train_ratio=1 / 4, num_envs=8, warmup_steps=5_000,
-                           ppo=PPOConfig(num_starts=1024), policy=PolicyConfig(hidden_dim=512))
+        return TrainConfig(
+            steps=100_000,
+            batch_size=64,
+            world_model=WorldModelConfig(context=6, pred_steps=2),
+            wm_train_ratio=1 / 4,
+            policy_train_ratio=1 / 4,
+            num_envs=8,
+            warmup_steps=5_000,
+            ppo=PPOConfig(num_starts=1024),
+            policy=PolicyConfig(hidden_dim=512),
+        )
     if name == "cpu":
         return TrainConfig(
             steps=100_000,
@@ -133,5 +142,10 @@ def from_dict(d: dict) -> TrainConfig:
         pred_steps=wm["pred_steps"],
     )
     top = {k: v for k, v in d.items() if k not in ("world_model", "optim", "policy", "ppo")}
-    return TrainConfig(**top, world_model=world_model, optim=OptimConfig(**d["optim"]),
-                       policy=PolicyConfig(**d["policy"]), ppo=PPOConfig(**d["ppo"]))
+    return TrainConfig(
+        **top,
+        world_model=world_model,
+        optim=OptimConfig(**d["optim"]),
+        policy=PolicyConfig(**d["policy"]),
+        ppo=PPOConfig(**d["ppo"]),
+    )

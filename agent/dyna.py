@@ -91,7 +91,9 @@ class DynaTrainer:
         self.wm_trainer = WorldModelTrainer(self.wm, cfg.optim, self.device, amp=cfg.amp)
         self.policy = ActorCritic(cfg.policy, E, A).to(self.device)
         if cfg.policy.history > cfg.world_model.context:
-            raise ValueError(f"policy.history {cfg.policy.history} exceeds world_model.context {cfg.world_model.context}")
+            raise ValueError(
+                f"policy.history {cfg.policy.history} exceeds world_model.context {cfg.world_model.context}"
+            )
         self.ppo = PPO(self.policy, cfg.ppo)
         self.imagined = ImaginedEnv(self.wm, cfg.ppo.horizon)
         self.replay = ReplayBuffer(cfg.replay_capacity, cfg.num_envs)
@@ -191,8 +193,13 @@ class DynaTrainer:
                 n_wm += int(c.wm_budget)
                 c.wm_budget -= int(c.wm_budget)
                 for _ in range(n_wm):
-                    batch = self.replay.sample(cfg.batch_size, cfg.world_model.seq_len, self.rng, self.device,
-                                               rewarded_fraction=cfg.rewarded_fraction)
+                    batch = self.replay.sample(
+                        cfg.batch_size,
+                        cfg.world_model.seq_len,
+                        self.rng,
+                        self.device,
+                        rewarded_fraction=cfg.rewarded_fraction,
+                    )
                     logger.add(self.wm_trainer.update(batch))
                 timings["world_model"] += time.perf_counter() - t0
 
@@ -209,9 +216,14 @@ class DynaTrainer:
             if c.env_steps >= next_log or c.env_steps >= cfg.steps:
                 total = sum(timings.values())
                 logger.add({f"time/{k}_fraction": v / total for k, v in timings.items() if total > 0})
-                logger.add({"charts/episodes": float(c.episodes), "charts/replay_size": float(len(self.replay)),
-                            "world_model/updates": float(self.wm_trainer.updates),
-                            "policy/updates": float(self.ppo.updates)})
+                logger.add(
+                    {
+                        "charts/episodes": float(c.episodes),
+                        "charts/replay_size": float(len(self.replay)),
+                        "world_model/updates": float(self.wm_trainer.updates),
+                        "policy/updates": float(self.ppo.updates),
+                    }
+                )
                 if self.episode_returns:
                     logger.add({"charts/return_last100": float(np.mean(self.episode_returns[-100:]))})
                 logger.flush(c.env_steps)
@@ -221,9 +233,12 @@ class DynaTrainer:
                 next_ckpt += cfg.checkpoint_every
         self.save_checkpoint()
         self.env.close()
-        return {"env_steps": c.env_steps, "episodes": c.episodes,
-                "return_last100": float(np.mean(self.episode_returns[-100:])) if self.episode_returns else float("nan"),
-                **{f"time_{k}_s": v for k, v in timings.items()}}
+        return {
+            "env_steps": c.env_steps,
+            "episodes": c.episodes,
+            "return_last100": float(np.mean(self.episode_returns[-100:])) if self.episode_returns else float("nan"),
+            **{f"time_{k}_s": v for k, v in timings.items()},
+        }
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

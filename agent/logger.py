@@ -18,8 +18,14 @@ class RunLogger:
     """Accumulates metric tensors between log steps (no host syncs in the hot loop), then writes
     their means to ``metrics.jsonl`` and TensorBoard, and updates the progress display."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        console: Console | None = None,
+        tensorboard: bool = True,
+    ) -> None:
         self.run_dir = run_dir
         self.console = console or Console()
         self.pending: dict[str, list[torch.Tensor | float]] = defaultdict(list)
@@ -36,9 +42,15 @@ class RunLogger:
         self.progress: Progress | None = None
         if self.interactive:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                TextColumn("{task.fields[sps]:.0f} steps/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[sps]:.0f} steps/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, sps=0.0, status="")
             self.progress.start()
@@ -77,9 +89,13 @@ class RunLogger:
 
     def status_line(self) -> str:
         parts = []
-        for key, label in (("charts/episode_return", "return"), ("world_model/loss", "wm"),
-                           ("world_model/reward_acc_rewarded", "rew_acc"), ("imagination/return", "imag"),
-                           ("policy/entropy", "ent")):
+        for key, label in (
+            ("charts/episode_return", "return"),
+            ("world_model/loss", "wm"),
+            ("world_model/reward_acc_rewarded", "rew_acc"),
+            ("imagination/return", "imag"),
+            ("policy/entropy", "ent"),
+        ):
             if key in self.last:
                 parts.append(f"{label} {self.last[key]:.3g}")
         return " ".join(parts)

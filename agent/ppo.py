@@ -88,8 +88,15 @@ class PPO:
         ws = torch.stack(windows)
         H1, B = ws.shape[:2]
         values = self.policy.value(ws.flatten(0, 1)).view(H1, B)
-        return Rollout(ws, torch.stack(actions), torch.stack(logprobs), values, torch.stack(rewards),
-                       torch.stack(conts), torch.stack(truncs))
+        return Rollout(
+            ws,
+            torch.stack(actions),
+            torch.stack(logprobs),
+            values,
+            torch.stack(rewards),
+            torch.stack(conts),
+            torch.stack(truncs),
+        )
 
     def update(self, ro: Rollout) -> dict[str, torch.Tensor]:
         """PPO epochs over one rollout; returns detached metrics."""

@@ -24,7 +24,12 @@ def gae(
     Returns ``(advantages, returns)``, both ``[T, B]``, with ``returns = advantages + values``.
     """
     T = rewards.shape[0]
-    for name, x in (("values", values), ("next_values", next_values), ("continues", continues), ("truncated", truncated)):
+    for name, x in (
+        ("values", values),
+        ("next_values", next_values),
+        ("continues", continues),
+        ("truncated", truncated),
+    ):
         assert x.shape == rewards.shape, f"{name} has shape {tuple(x.shape)}, rewards {tuple(rewards.shape)}"
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
@@ -37,7 +42,9 @@ def gae(
 
 
 @torch.no_grad()
-def discounted_returns(rewards: torch.Tensor, continues: torch.Tensor, bootstrap: torch.Tensor, gamma: float) -> torch.Tensor:
+def discounted_returns(
+    rewards: torch.Tensor, continues: torch.Tensor, bootstrap: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """Monte-Carlo returns ``[T, B]`` of rewards ``[T, B]`` with continue flags and a bootstrap ``[B]``."""
     out = torch.zeros_like(rewards)
     running = bootstrap

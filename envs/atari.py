@@ -104,9 +104,7 @@ class AtariEnv:
         obs, info = self._env.reset(seed=seeds)
         return obs[:, 0], self._tracker.on_reset(info["lives"])
 
-    def step(
-        self, actions: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Steps every copy (see :mod:`envs.base` for the returned tuple)."""
         actions = _check_actions(actions, self.num_envs, self.num_actions)
         obs, reward, terminated, truncated, info = self._env.step(actions)
@@ -242,9 +240,7 @@ class AtariGymEnv:
         obs, info = self._env.reset(seed=seeds)
         return np.asarray(obs, dtype=np.uint8), self._tracker.on_reset(info["lives"])
 
-    def step(
-        self, actions: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Steps every copy (see :mod:`envs.base` for the returned tuple)."""
         actions = _check_actions(actions, self.num_envs, self.num_actions)
         obs, reward, terminated, truncated, info = self._env.step(actions)

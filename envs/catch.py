@@ -148,9 +148,7 @@ class CatchVecEnv:
             self.state.spawn(i, rng)
         return self.state.render(), self._tracker.on_reset()
 
-    def step(
-        self, actions: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Steps every copy (see :mod:`envs.base` for the returned tuple)."""
         actions = np.asarray(actions, dtype=np.int64)
         if actions.shape != (self.num_envs,):

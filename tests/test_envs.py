@@ -243,9 +243,7 @@ def test_continuous_image_env_is_rejected() -> None:
         make_env("test/ContinuousPixels-v0")
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"num_envs": 0}, {"num_envs": -2}, {"sticky_actions": 1.5}, {"backend": "cuda"}]
-)
+@pytest.mark.parametrize("kwargs", [{"num_envs": 0}, {"num_envs": -2}, {"sticky_actions": 1.5}, {"backend": "cuda"}])
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(EnvSpecError):
         make_env(CATCH_ID, **kwargs)

@@ -89,6 +89,8 @@ def test_errors_are_clear() -> None:
 
 def test_memory_of_100k_frames() -> None:
     buf = ReplayBuffer(capacity=100_000, num_envs=8)
-    total = sum(getattr(buf, n).nbytes for n in ("frames", "actions", "rewards", "terminated", "truncated",
-                                                  "life_loss", "is_first"))
+    total = sum(
+        getattr(buf, n).nbytes
+        for n in ("frames", "actions", "rewards", "terminated", "truncated", "life_loss", "is_first")
+    )
     assert total < 450e6

@@ -44,8 +44,14 @@ def test_cpu_preset_and_document_sizes_run_one_loss() -> None:
         frames = torch.randint(0, 256, (2, L, 64, 64), dtype=torch.uint8)
         from worldmodel.batch import Batch
 
-        b = Batch(frames, torch.randint(0, 4, (2, L - 1)), torch.zeros(2, L - 1), torch.zeros(2, L - 1, dtype=torch.bool),
-                  torch.zeros(2, L - 1, dtype=torch.bool), torch.zeros(2, L - 1, dtype=torch.bool))
+        b = Batch(
+            frames,
+            torch.randint(0, 4, (2, L - 1)),
+            torch.zeros(2, L - 1),
+            torch.zeros(2, L - 1, dtype=torch.bool),
+            torch.zeros(2, L - 1, dtype=torch.bool),
+            torch.zeros(2, L - 1, dtype=torch.bool),
+        )
         loss, _ = wm.compute_loss(b)
         assert torch.isfinite(loss)
         assert wm.encode(frames).shape == (2, L, cfg.encoder.embed_dim)
@@ -81,8 +87,10 @@ def test_short_training_beats_copy_and_majority_baselines(catch_replay) -> None:
         _, m = wm.compute_loss(held_out.sample(128, cfg.seq_len, rng, rewarded_fraction=0.5))
     pred, copy = m["world_model/next_frame_mse_moving"].item(), m["world_model/copy_last_mse_moving"].item()
     acc = m["world_model/reward_acc_rewarded"].item()
-    print(f"held-out: moving-pixel MSE predicted {pred:.4f} vs copy-last {copy:.4f}; "
-          f"reward accuracy on rewarded steps {acc:.2f} (majority class: 0.00)")
+    print(
+        f"held-out: moving-pixel MSE predicted {pred:.4f} vs copy-last {copy:.4f}; "
+        f"reward accuracy on rewarded steps {acc:.2f} (majority class: 0.00)"
+    )
     assert pred < copy
     assert acc > 0.0
 

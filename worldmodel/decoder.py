@@ -58,9 +58,7 @@ class UpsampleBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kv_dim: int, attn_dim: int, num_heads: int) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose3d(
-            in_ch, out_ch, kernel_size=(1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1)
-        )
+        self.up = nn.ConvTranspose3d(in_ch, out_ch, kernel_size=(1, 4, 4), stride=(1, 2, 2), padding=(0, 1, 1))
         self.norm = nn.GroupNorm(math.gcd(8, out_ch), out_ch)
         self.act = nn.GELU()
         self.attn_norm = nn.LayerNorm(out_ch)
@@ -85,9 +83,7 @@ class HybridConvTransformerDecoder(nn.Module):
         super().__init__()
         ratio = cfg.frame_size // cfg.token_grid
         if cfg.frame_size % cfg.token_grid or ratio & (ratio - 1):
-            raise ValueError(
-                f"frame_size / token_grid must be a power of two, got {cfg.frame_size} / {cfg.token_grid}"
-            )
+            raise ValueError(f"frame_size / token_grid must be a power of two, got {cfg.frame_size} / {cfg.token_grid}")
         num_blocks = ratio.bit_length() - 1
         if num_blocks != len(cfg.channels):
             raise ValueError(

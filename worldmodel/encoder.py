@@ -65,8 +65,7 @@ class VideoViT(nn.Module):
         self.patch_embed = FactorizedPatchEmbed(cfg.in_channels, cfg.embed_dim, cfg.patch_size)
         self.rope = RotaryEmbedding2D(cfg.embed_dim // cfg.num_heads)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, causal=False)
-            for _ in range(cfg.depth)
+            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, causal=False) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.embed_dim)
 

@@ -40,8 +40,7 @@ class LatentDynamicsPredictor(nn.Module):
         self.action_embed = nn.Embedding(num_actions, cfg.embed_dim)
         self.rope = RotaryEmbedding1D(cfg.embed_dim // cfg.num_heads)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, causal=True)
-            for _ in range(cfg.depth)
+            TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, causal=True) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, cfg.embed_dim)
@@ -59,9 +58,7 @@ class LatentDynamicsPredictor(nn.Module):
         """``z [B, T, E]`` (``T <= max_context``), ``action`` int64 ``[B]`` -> predicted ``z_T [B, 1, E]``."""
         B, T, E = z.shape
         if T + 1 > self.cfg.max_context + 1:
-            raise ValueError(
-                f"predictor got T={T} latents (+1 action token) but max_context is {self.cfg.max_context}"
-            )
+            raise ValueError(f"predictor got T={T} latents (+1 action token) but max_context is {self.cfg.max_context}")
         action_token = self.action_embed(action).unsqueeze(1)  # (B, 1, E)
         tokens = torch.cat([action_token, z], dim=1)  # (B, T+1, E)
         last = self.transformer_outputs(tokens)[:, -1:]  # (B, 1, E)

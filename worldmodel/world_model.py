@@ -107,9 +107,7 @@ class WorldModel(nn.Module):
         self.encoder = VideoViT(cfg.encoder)
         self.predictor = LatentDynamicsPredictor(cfg.predictor, num_actions)
         self.decoder = HybridConvTransformerDecoder(cfg.decoder)
-        self.reward_head = RewardPredictor(
-            RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins})
-        )
+        self.reward_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins}))
         self.cont_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": 1}))
         self.register_buffer("reward_bins", make_bins(cfg.loss.reward_bins, cfg.loss.reward_limit), persistent=False)
 
@@ -126,7 +124,7 @@ class WorldModel(nn.Module):
         return self.decoder(z.unsqueeze(1))[:, 0, 0]
 
     def heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reward logits ``[B, bins]`` and continue logits ``[B]`` of transitions ``z_t -> z_next`` (``[B, E]`` each)."""
+        """Reward logits ``[B, bins]`` and continue logits ``[B]`` of transitions ``z_t -> z_next`` ``[B, E]``."""
         a, b = z_t.unsqueeze(1), z_next.unsqueeze(1)
         return self.reward_head(a, b)[:, 0], self.cont_head(a, b)[:, 0, 0]
 
