@@ -8,12 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import tyro
 from rich.console import Console
+from rich.table import Table
 
 from agent.config import PRESETS, TrainConfig, preset, to_dict
-from agent.dyna import DeviceError, DynaTrainer, load_run_config
+from agent.dyna import DeviceError, DynaTrainer, load_agent, load_run_config, resolve_device
+from agent.evaluate import evaluate, human_normalised
 from agent.logger import RunLogger
 from agent.replay import ReplayError
 from envs import EnvSpecError
@@ -24,6 +27,7 @@ A model-based RL agent for Atari: a video-ViT world model trained online, PPO in
 
 commands:
   train   train an agent:  wm-agent train --env ALE/Breakout-v5 [--preset cpu] [--steps N] ...
+  eval    score a trained agent over full episodes:  wm-agent eval RUN_DIR [--episodes 100]
 
 Run 'wm-agent <command> --help' for a command's options.
 """
@@ -124,6 +128,82 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="wm-agent eval",
+        description="Score a trained agent over full episodes (life loss is not an end; unclipped scores).",
+    )
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--episodes", type=int, default=100, help="full episodes to play (default 100)")
+    p.add_argument("--seed", type=int, default=10_000, help="env seed (default 10000, apart from training seeds)")
+    p.add_argument("--num-envs", type=int, default=8, help="env copies played in parallel")
+    p.add_argument("--greedy", action="store_true", help="take the most likely action instead of sampling")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default=None, help="results JSON (default RUN_DIR/eval.json)")
+    args = p.parse_args(argv)
+    if args.episodes <= 0 or args.num_envs <= 0:
+        return _fail("--episodes and --num-envs must be positive")
+    try:
+        device = resolve_device(args.device)
+        loaded = load_agent(Path(args.run), device)
+    except (DeviceError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        return _fail(f"cannot load a checkpoint from {args.run}: {str(e).splitlines()[0]}")
+    cfg = loaded.cfg
+    console = Console()
+    console.print(
+        f"evaluating {loaded.checkpoint} ({loaded.env_steps} env steps trained) on {cfg.env}, "
+        f"{args.episodes} episodes, sticky actions {cfg.sticky_actions}",
+        highlight=False,
+    )
+    returns = evaluate(
+        loaded.wm,
+        loaded.policy,
+        cfg.env,
+        args.episodes,
+        args.seed,
+        device,
+        num_envs=args.num_envs,
+        sticky_actions=cfg.sticky_actions,
+        greedy=args.greedy,
+    )
+    r = np.asarray(returns)
+    hns = human_normalised(cfg.env, float(r.mean()))
+    result = {
+        "env_id": cfg.env,
+        "env_steps_trained": loaded.env_steps,
+        "episodes": len(returns),
+        "returns": returns,
+        "mean": float(r.mean()),
+        "std": float(r.std()),
+        "median": float(np.median(r)),
+        "min": float(r.min()),
+        "max": float(r.max()),
+        "hns": hns,
+        "seed": args.seed,
+        "sticky_actions": cfg.sticky_actions,
+        "greedy": args.greedy,
+        "checkpoint": str(loaded.checkpoint),
+    }
+    table = Table(title=f"{cfg.env}: {len(returns)} full episodes")
+    for col in ("mean +- std", "median", "min", "max", "HNS"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{r.mean():.2f} +- {r.std():.2f}",
+        f"{np.median(r):.2f}",
+        f"{r.min():.2f}",
+        f"{r.max():.2f}",
+        "-" if hns is None else f"{hns:.3f}",
+    )
+    console.print(table)
+    run_dir = Path(args.run) if Path(args.run).is_dir() else loaded.checkpoint.parent.parent
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"results written to {out}", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -132,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_main(rest)
+    if cmd == "eval":
+        return eval_main(rest)
     return _fail(f"unknown command {cmd!r}; run 'wm-agent --help'")
 
 

@@ -94,11 +94,11 @@ def preset(name: str) -> TrainConfig:
     if name == "cpu":
         return TrainConfig(
             steps=100_000,
-            batch_size=32,
+            batch_size=16,
             world_model=_small_world_model(64, 2, 2, (32, 16, 8), context=4, pred_steps=3),
             optim=OptimConfig(lr=1e-3),
             policy=PolicyConfig(history=3, hidden_dim=256),
-            ppo=PPOConfig(num_starts=256),
+            ppo=PPOConfig(num_starts=128),
             warmup_steps=2_000,
             wm_train_ratio=1 / 16,
             policy_train_ratio=1 / 16,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agent.actor import RealEnvActor
 from agent.config import TrainConfig, from_dict, to_dict
 from agent.logger import RunLogger
 from agent.policy import ActorCritic
@@ -38,28 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise DeviceError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
-
-
-class RealEnvActor:
-    """Acts in the real vector env with the policy, from the same latent history it sees in imagination:
-    the last frames of each copy (the first frame repeated at an episode start), freshly encoded."""
-
-    def __init__(self, wm: WorldModel, policy: ActorCritic, num_envs: int, device: torch.device) -> None:
-        self.wm, self.policy, self.device = wm, policy, device
-        self.history = np.zeros((num_envs, policy.cfg.history, 64, 64), dtype=np.uint8)
-
-    def observe(self, obs: np.ndarray, is_first: np.ndarray) -> None:
-        """Push the newest frames ``[N, H, W]``; copies that start an episode fill their history with it."""
-        self.history[:, :-1] = self.history[:, 1:]
-        self.history[:, -1] = obs
-        self.history[is_first] = obs[is_first][:, None]
-
-    @torch.no_grad()
-    def act(self, greedy: bool = False) -> np.ndarray:
-        self.wm.eval()
-        self.policy.eval()
-        window = self.wm.encode(torch.from_numpy(self.history).to(self.device))  # (N, h, E)
-        return self.policy.act(window, greedy=greedy).cpu().numpy()
 
 
 @dataclass
@@ -100,6 +79,7 @@ class DynaTrainer:
         self.actor = RealEnvActor(self.wm, self.policy, cfg.num_envs, self.device)
         self.counters = Counters()
         self.episode_returns: list[float] = []
+        self.starts: torch.Tensor | None = None
         if resume:
             self.load_checkpoint()
 
@@ -147,6 +127,20 @@ class DynaTrainer:
         self.rng.bit_generator.state = json.loads(state["rng_numpy"])
         self.episode_returns = state["episode_returns"].tolist()
         self.replay = ReplayBuffer.load(path.parent / "replay")
+
+    # --- imagination starts ------------------------------------------------------------------
+    def remember_starts(self, latents: torch.Tensor) -> None:
+        """Keep the newest ``ppo.num_starts`` latent windows of the world model's training batches:
+        imagination starts from them, so real frames are encoded once per update, not twice."""
+        windows = WorldModel.windows(latents, self.cfg.world_model.context)
+        self.starts = windows if self.starts is None else torch.cat([windows, self.starts])
+        self.starts = self.starts[: self.cfg.ppo.num_starts]
+
+    def imagination_starts(self) -> torch.Tensor:
+        """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""
+        if self.starts is not None and len(self.starts) >= self.cfg.ppo.num_starts:
+            return self.starts
+        return self.replay.sample(self.cfg.ppo.num_starts, self.cfg.world_model.context, self.rng, self.device).frames
 
     # --- the loop ----------------------------------------------------------------------------
     def train(self, logger: RunLogger) -> dict[str, float]:
@@ -200,7 +194,9 @@ class DynaTrainer:
                         self.device,
                         rewarded_fraction=cfg.rewarded_fraction,
                     )
-                    logger.add(self.wm_trainer.update(batch))
+                    metrics, latents = self.wm_trainer.update(batch)
+                    logger.add(metrics)
+                    self.remember_starts(latents)
                 timings["world_model"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
@@ -208,8 +204,7 @@ class DynaTrainer:
                 n_pi = int(c.policy_budget)
                 c.policy_budget -= n_pi
                 for _ in range(n_pi):
-                    ctx = self.replay.sample(cfg.ppo.num_starts, cfg.world_model.context, self.rng, self.device)
-                    rollout = self.ppo.rollout(self.imagined, ctx.frames)
+                    rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
                     logger.add(self.ppo.update(rollout))
                 timings["policy"] += time.perf_counter() - t0
 
@@ -243,3 +238,30 @@ class DynaTrainer:
 
 def load_run_config(run_dir: Path) -> TrainConfig:
     return from_dict(json.loads((run_dir / "config.json").read_text()))
+
+
+@dataclass
+class LoadedAgent:
+    """A trained world model and policy read back from a checkpoint, ready to act."""
+
+    cfg: TrainConfig
+    wm: WorldModel
+    policy: ActorCritic
+    env_steps: int
+    checkpoint: Path
+
+
+def load_agent(path: Path, device: torch.device) -> LoadedAgent:
+    """Load from a run directory (its latest checkpoint) or a checkpoint file. Never unpickles code."""
+    ckpt = path / "checkpoints" / "latest.pt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{path} is neither a wm-agent run directory with a checkpoint nor a checkpoint file")
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    cfg = from_dict(json.loads(state["config"]))
+    wm = WorldModel(cfg.world_model, state["num_actions"]).to(device)
+    wm.load_state_dict(state["world_model"])
+    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, state["num_actions"]).to(device)
+    policy.load_state_dict(state["policy"])
+    wm.eval()
+    policy.eval()
+    return LoadedAgent(cfg, wm, policy, int(state["counters"]["env_steps"]), ckpt)

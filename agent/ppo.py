@@ -70,9 +70,10 @@ class PPO:
         self.updates = 0
 
     @torch.no_grad()
-    def rollout(self, env: ImaginedEnv, context_frames: torch.Tensor) -> Rollout:
-        """Play the policy in ``env`` for its horizon from real frames ``[B, K, H, W]``."""
-        window = env.reset(context_frames)
+    def rollout(self, env: ImaginedEnv, start: torch.Tensor) -> Rollout:
+        """Play the policy in ``env`` for its horizon from real frames ``[B, K, H, W]`` or latent
+        windows ``[B, K, E]``."""
+        window = env.reset(start)
         windows, actions, logprobs, rewards, conts, truncs = [window], [], [], [], [], []
         for _ in range(env.horizon):
             logits, _ = self.policy(window)

@@ -63,9 +63,9 @@ def test_overfits_a_fixed_batch(catch_replay) -> None:
     wm = WorldModel(cfg, num_actions=3)
     trainer = WorldModelTrainer(wm, OptimConfig(lr=2e-3, warmup_updates=10), torch.device("cpu"))
     batch = catch_replay.sample(8, cfg.seq_len, np.random.default_rng(1), rewarded_fraction=0.5)
-    first = trainer.update(batch)["world_model/loss"].item()
+    first = trainer.update(batch)[0]["world_model/loss"].item()
     for _ in range(250):
-        last = trainer.update(batch)["world_model/loss"].item()
+        last = trainer.update(batch)[0]["world_model/loss"].item()
     print(f"overfit: loss {first:.3f} -> {last:.4f} ({first / last:.1f}x)")
     assert last < first / 10
 

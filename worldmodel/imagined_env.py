@@ -25,10 +25,11 @@ class ImaginedEnv:
         self.t = 0
 
     @torch.no_grad()
-    def reset(self, context_frames: torch.Tensor) -> torch.Tensor:
-        """Start from real uint8 frames ``[B, K, H, W]``; returns the latent window ``[B, K, E]``."""
+    def reset(self, start: torch.Tensor) -> torch.Tensor:
+        """Start from real context: uint8 frames ``[B, K, H, W]`` (encoded here) or latent windows
+        ``[B, K, E]`` already encoded; returns the latent window ``[B, K, E]``."""
         self.wm.eval()
-        self.window = self.wm.encode(context_frames)
+        self.window = self.wm.encode(start) if start.dtype == torch.uint8 else start
         self.t = 0
         return self.window
 

@@ -128,6 +128,11 @@ class WorldModel(nn.Module):
         a, b = z_t.unsqueeze(1), z_next.unsqueeze(1)
         return self.reward_head(a, b)[:, 0], self.cont_head(a, b)[:, 0, 0]
 
+    @staticmethod
+    def windows(latents: torch.Tensor, size: int) -> torch.Tensor:
+        """Every window of ``size`` consecutive latents: ``[B, L, E]`` -> ``[B * (L - size + 1), size, E]``."""
+        return rearrange(latents.unfold(1, size, 1), "b n e k -> (b n) k e")
+
     @torch.no_grad()
     def imagine_step(self, window: torch.Tensor, action: torch.Tensor) -> Prediction:
         """Latent window ``[B, K, E]`` and actions ``[B]`` -> the next latent, reward and continue probability."""
@@ -137,6 +142,12 @@ class WorldModel(nn.Module):
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch of ``K + P`` frame sequences; metrics are detached tensors."""
+        loss, metrics, _ = self.loss_and_latents(batch)
+        return loss, metrics
+
+    def loss_and_latents(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`compute_loss` plus the batch's detached latents ``[B, K+P, E]``, which imagination
+        reuses as start states instead of encoding frames a second time."""
         cfg, lc = self.cfg, self.cfg.loss
         K, P = cfg.context, cfg.pred_steps
         B, L, H, W = batch.frames.shape
@@ -153,10 +164,12 @@ class WorldModel(nn.Module):
         z_now = rearrange(z[:, K - 1 : K - 1 + P], "b p e -> (b p) e")
         z_next = rearrange(z[:, K : K + P], "b p e -> (b p) e")
 
-        x_now = rearrange(x[:, K - 1 : K - 1 + P], "b p h w -> (b p) h w")
-        x_next = rearrange(x[:, K : K + P], "b p h w -> (b p) h w")
-        x_prev = rearrange(x[:, K - 2 : K - 2 + P], "b p h w -> (b p) h w") if K >= 2 else x_now
-        recon = self.decode(torch.cat([z_pred, z_now]))  # (2*B*P, H, W)
+        # Decoding dominates the update's cost (cross-attention at 64x64), so each sequence decodes
+        # two frames: the next frame predicted by its last window, and its last context frame from
+        # its own latent (which keeps every latent decodable). The latent loss covers every window.
+        x_prev, x_now, x_next = x[:, K + P - 3] if K + P >= 3 else x[:, 0], x[:, K + P - 2], x[:, K + P - 1]
+        z_pred_last = rearrange(z_pred, "(b p) e -> b p e", p=P)[:, -1]
+        recon = self.decode(torch.cat([z_pred_last, z[:, K + P - 2]]))  # (2B, H, W)
         next_hat, now_hat = recon.chunk(2)
         move_next = moving_mask(x_now, x_next, lc.moving_threshold)
         move_now = moving_mask(x_prev, x_now, lc.moving_threshold)
@@ -172,7 +185,10 @@ class WorldModel(nn.Module):
 
         rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
         cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        rew_logits, cont_logit = self.heads(z_now, z_pred)
+        # The heads learn from the predicted next latent (what imagination gives them) and from the
+        # encoded real one (a cleaner signal early on, and it teaches the encoder what rewards depend on).
+        rew_logits, cont_logit = self.heads(torch.cat([z_now, z_now]), torch.cat([z_pred, z_next]))
+        rew, cont = torch.cat([rew, rew]), torch.cat([cont, cont])
         rewarded = rew != 0
         rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
         loss_reward = (rew_ce * balanced_weights(rewarded)).mean()
@@ -190,11 +206,14 @@ class WorldModel(nn.Module):
         with torch.no_grad():
             moving = move_next > 0
             n_moving = moving.sum().clamp(min=1)
-            rew_hat = twohot_decode(rew_logits, self.reward_bins)
+            # Head accuracies on the predicted latents only: those are what imagination runs on.
+            n = B * P
+            rew, cont, rewarded = rew[:n], cont[:n], rewarded[:n]
+            rew_hat = twohot_decode(rew_logits[:n], self.reward_bins)
             rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
             n_rew = rewarded.sum()
             ended = cont < 0.5
-            cont_ok = (cont_logit > 0) == (cont > 0.5)
+            cont_ok = (cont_logit[:n] > 0) == (cont > 0.5)
             metrics = {
                 "world_model/loss": loss.detach(),
                 "world_model/next_frame_loss": loss_next.detach(),
@@ -213,4 +232,4 @@ class WorldModel(nn.Module):
                 "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
                 "world_model/cont_acc": cont_ok.float().mean(),
             }
-        return loss, metrics
+        return loss, metrics, z.detach()

@@ -1,0 +1,85 @@
+"""The CLI end to end, in subprocesses, on the debug preset and the ROM-free Catch env."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_help_lists_commands() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    assert "train" in out.stdout and "eval" in out.stdout
+
+
+def test_train_help_documents_fields() -> None:
+    out = run("train", "--help")
+    assert out.returncode == 0
+    assert "--steps" in out.stdout and "--world-model.encoder.embed-dim" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "ALE/Breakuot-v5"], "did you mean ALE/Breakout-v5"),
+        (["--env", "CartPole-v1"], "image observations"),
+        (["--env", "Pendulum-v1"], "discrete action"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--num-envs", "0"], "--num-envs must be positive"),
+        (["--ppo.horizon", "0"], "horizon must be positive"),
+        (["--preset", "huge"], "unknown preset"),
+        (["--device", "cuda"], None),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str | None) -> None:
+    import torch
+
+    if args == ["--device", "cuda"]:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        message = "no CUDA GPU"
+    out = run("train", "--preset", "debug", "--run-dir", str(tmp_path / "r"), *args)
+    if "--preset" in args and args[args.index("--preset") + 1] == "huge":
+        out = run("train", *args, "--run-dir", str(tmp_path / "r"))
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_train_then_eval_on_catch(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    out = run("train", "--env", "wm/Catch-v0", "--preset", "debug", "--run-dir", str(run_dir), "--steps", "400")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["env"] == "wm/Catch-v0" and cfg["steps"] == 400
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 400
+    wm_losses = [r["world_model/loss"] for r in rows if "world_model/loss" in r]
+    assert len(wm_losses) >= 2 and wm_losses[-1] < wm_losses[0], wm_losses  # the loop runs and the model learns
+    assert any("policy/entropy" in r for r in rows) and any("imagination/return" in r for r in rows)
+    assert (run_dir / "checkpoints" / "latest.pt").is_file()
+
+    again = run("train", "--env", "wm/Catch-v0", "--preset", "debug", "--run-dir", str(run_dir))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    ev = run("eval", str(run_dir), "--episodes", "6", "--out", str(tmp_path / "eval.json"))
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["episodes"] == 6 == len(res["returns"])
+    assert all(r in (-1.0, 1.0) for r in res["returns"])
+    assert abs(res["mean"] - sum(res["returns"]) / 6) < 1e-9
+    assert res["env_steps_trained"] == 400 and res["hns"] is None
+
+
+def test_eval_of_a_missing_run_fails_cleanly(tmp_path: Path) -> None:
+    out = run("eval", str(tmp_path / "nothing"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
