@@ -79,8 +79,20 @@ def train_ppo(env_id: str, steps: int, seed: int, sticky_actions: float = 0.0) -
     linearly decayed), ent 0.01, vf 0.5, 4 stacked frames. Returns the model, the training episodes'
     returns and the wall time."""
     venv = VecFrameStack(MakeEnvVecEnv(env_id, 8, seed, sticky_actions), 4, channels_order="first")
-    model = PPO("CnnPolicy", venv, n_steps=128, n_epochs=4, batch_size=256, learning_rate=_linear(2.5e-4),
-                clip_range=_linear(0.1), vf_coef=0.5, ent_coef=0.01, seed=seed, verbose=0, device="cpu")
+    model = PPO(
+        "CnnPolicy",
+        venv,
+        n_steps=128,
+        n_epochs=4,
+        batch_size=256,
+        learning_rate=_linear(2.5e-4),
+        clip_range=_linear(0.1),
+        vf_coef=0.5,
+        ent_coef=0.01,
+        seed=seed,
+        verbose=0,
+        device="cpu",
+    )
     t0 = time.time()
     model.learn(total_timesteps=steps)
     return model, venv.venv.episode_returns, time.time() - t0
@@ -109,9 +121,16 @@ def main() -> None:
     args = p.parse_args()
     model, train_returns, seconds = train_ppo(args.env, args.steps, args.seed, args.sticky_actions)
     scores = evaluate_ppo(model, args.env, args.episodes, 10_000 + args.seed, args.sticky_actions)
-    result = {"env_id": args.env, "steps": args.steps, "seed": args.seed, "train_seconds": seconds,
-              "train_returns": train_returns, "eval_returns": scores, "eval_mean": float(np.mean(scores)),
-              "sticky_actions": args.sticky_actions}
+    result = {
+        "env_id": args.env,
+        "steps": args.steps,
+        "seed": args.seed,
+        "train_seconds": seconds,
+        "train_returns": train_returns,
+        "eval_returns": scores,
+        "eval_mean": float(np.mean(scores)),
+        "sticky_actions": args.sticky_actions,
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "train_returns"}))
     if args.out:
         Path(args.out).write_text(json.dumps(result))

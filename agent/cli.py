@@ -28,6 +28,7 @@ A model-based RL agent for Atari: a video-ViT world model trained online, PPO in
 commands:
   train   train an agent:  wm-agent train --env ALE/Breakout-v5 [--preset cpu] [--steps N] ...
   eval    score a trained agent over full episodes:  wm-agent eval RUN_DIR [--episodes 100]
+  bench   speed against the machine's limits (bench speed), world-model quality (bench world-model)
 
 Run 'wm-agent <command> --help' for a command's options.
 """
@@ -214,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if cmd == "eval":
         return eval_main(rest)
+    if cmd == "bench":
+        from agent.bench import bench_main
+
+        try:
+            return bench_main(rest, resolve_device)
+        except (DeviceError, EnvSpecError) as e:
+            return _fail(str(e))
     return _fail(f"unknown command {cmd!r}; run 'wm-agent --help'")
 
 

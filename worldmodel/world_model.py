@@ -27,8 +27,6 @@ class LossConfig:
     """Weight of reconstructing the current frame from its own latent (keeps every latent decodable)."""
     latent: float = 1.0
     """Weight of pulling the predicted latent toward the (stop-gradient) encoding of the real next frame."""
-    latent_rep: float = 0.1
-    """Weight of pulling the encoding toward the (stop-gradient) prediction, so the latent stays predictable."""
     reward: float = 1.0
     """Weight of the two-hot reward cross-entropy."""
     cont: float = 1.0
@@ -160,34 +158,44 @@ class WorldModel(nn.Module):
         ctx = torch.stack([z[:, p : p + K] for p in range(P)], dim=1)  # (B, P, K, E)
         ctx = rearrange(ctx, "b p k e -> (b p) k e")
         act = rearrange(batch.actions[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        z_pred = self.predictor(ctx, act)[:, 0]  # (B*P, E)
         z_now = rearrange(z[:, K - 1 : K - 1 + P], "b p e -> (b p) e")
         z_next = rearrange(z[:, K : K + P], "b p e -> (b p) e")
 
-        # Decoding dominates the update's cost (cross-attention at 64x64), so each sequence decodes
-        # two frames: the next frame predicted by its last window, and its last context frame from
-        # its own latent (which keeps every latent decodable). The latent loss covers every window.
-        x_prev, x_now, x_next = x[:, K + P - 3] if K + P >= 3 else x[:, 0], x[:, K + P - 2], x[:, K + P - 1]
-        z_pred_last = rearrange(z_pred, "(b p) e -> b p e", p=P)[:, -1]
-        recon = self.decode(torch.cat([z_pred_last, z[:, K + P - 2]]))  # (2B, H, W)
-        next_hat, now_hat = recon.chunk(2)
+        # Decoding dominates the update's cost (cross-attention at 64x64). The encoder and decoder learn
+        # from pixels alone, as an autoencoder on two frames per sequence (LESSONS.md: other losses
+        # flowing into the encoder early slowed or destroyed its picture of small objects). The next
+        # frame predicted by the last window is decoded with the decoder's weights held fixed and the
+        # context detached, so it trains only the predictor (blurry early predictions would otherwise
+        # teach the decoder to draw an average frame without the ball).
+        x_now, x_next = x[:, K + P - 2], x[:, K + P - 1]
+        ae_idx = [max(0, K + P - 4), K + P - 2]
+        ae_hat = self.decode(rearrange(z[:, ae_idx], "b n e -> (b n) e"))  # (2B, H, W)
+        ae_real = rearrange(x[:, ae_idx], "b n h w -> (b n) h w")
+        ae_prev = rearrange(x[:, [max(0, i - 1) for i in ae_idx]], "b n h w -> (b n) h w")
+        z_pred_sg = self.predictor(ctx.detach(), act)[:, 0]  # (B*P, E)
+        z_pred_last = rearrange(z_pred_sg, "(b p) e -> b p e", p=P)[:, -1]
+        frozen = {name: p.detach() for name, p in self.decoder.named_parameters()}
+        next_hat = torch.func.functional_call(self.decoder, frozen, (z_pred_last.unsqueeze(1),))[:, 0, 0]
         move_next = moving_mask(x_now, x_next, lc.moving_threshold)
-        move_now = moving_mask(x_prev, x_now, lc.moving_threshold)
+        move_now = moving_mask(ae_prev, ae_real, lc.moving_threshold)
         next_err = (next_hat - x_next).square()
-        now_err = (now_hat - x_now).square()
+        now_err = (ae_hat - ae_real).square()
         loss_next = (next_err * (1 + lc.moving_pixel_weight * move_next)).mean()
         loss_now = (now_err * (1 + lc.moving_pixel_weight * move_now)).mean()
 
         # The predictor must land where the encoder would put the real next frame: imagination feeds
-        # predicted latents back in as context. The small reverse term keeps the encoding predictable.
-        loss_latent = F.mse_loss(z_pred, z_next.detach())
-        loss_rep = F.mse_loss(z_next, z_pred.detach())
+        # predicted latents back in as context. This term trains the predictor only (context and target
+        # detached): let through to the encoder, it made the latents collapse to a constant on Catch.
+        loss_latent = F.mse_loss(z_pred_sg, z_next.detach())
 
         rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
         cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
         # The heads learn from the predicted next latent (what imagination gives them) and from the
-        # encoded real one (a cleaner signal early on, and it teaches the encoder what rewards depend on).
-        rew_logits, cont_logit = self.heads(torch.cat([z_now, z_now]), torch.cat([z_pred, z_next]))
+        # encoded real one (a cleaner signal early on).
+        # Their gradients stop at the encoder too (LESSONS.md: a strong reward loss early on destroyed
+        # the visual representation); the encoder learns from pixels alone.
+        z_now_sg = z_now.detach()
+        rew_logits, cont_logit = self.heads(torch.cat([z_now_sg, z_now_sg]), torch.cat([z_pred_sg, z_next.detach()]))
         rew, cont = torch.cat([rew, rew]), torch.cat([cont, cont])
         rewarded = rew != 0
         rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
@@ -199,7 +207,6 @@ class WorldModel(nn.Module):
             lc.next_frame * loss_next
             + lc.current_frame * loss_now
             + lc.latent * loss_latent
-            + lc.latent_rep * loss_rep
             + lc.reward * loss_reward
             + lc.cont * loss_cont
         )

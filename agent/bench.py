@@ -1,0 +1,364 @@
+"""Benchmarks: speed against the machine's own limits, and the world model's quality on real data.
+
+``wm-agent bench speed`` and ``wm-agent bench world-model``; see ``wm-agent bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from agent.config import PRESETS, preset
+from agent.policy import ActorCritic
+from agent.ppo import PPO
+from agent.replay import ReplayBuffer
+from envs import make_env
+from worldmodel.imagined_env import ImaginedEnv
+from worldmodel.trainer import WorldModelTrainer
+from worldmodel.world_model import WorldModel
+
+
+def machine_info(device: torch.device) -> dict[str, str | int]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, str | int] = {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def env_speed(env_id: str, num_envs: int, seconds: float = 3.0) -> dict[str, float]:
+    """Random-action steps/s of raw ale-py's vector env and of ``make_env`` (same game, same copies)."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    rng = np.random.default_rng(0)
+
+    def run(step, n_actions: int) -> float:
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            step(rng.integers(0, n_actions, size=num_envs))
+            steps += num_envs
+        return steps / (time.perf_counter() - t0)
+
+    wrapped = make_env(env_id, num_envs=num_envs, seed=0)
+    wrapped.reset(seed=0)
+    ours = run(wrapped.step, wrapped.num_actions)
+    n_actions = wrapped.num_actions
+    wrapped.close()
+    game = env_id.split("/")[1].split("-")[0]
+    game = "".join("_" + ch.lower() if ch.isupper() and i else ch.lower() for i, ch in enumerate(game))
+    raw = AtariVectorEnv(game, num_envs, img_height=64, img_width=64, stack_num=1, reward_clipping=False)
+    raw.reset(seed=0)
+    raw_sps = run(raw.step, n_actions)
+    raw.close()
+    return {"raw_steps_per_s": raw_sps, "make_env_steps_per_s": ours, "ratio": ours / raw_sps}
+
+
+def replay_speed(batch_size: int = 64, seq_len: int = 7, seconds: float = 2.0) -> float:
+    """Batches/s sampled from a 100k-frame buffer of random frames with 1k-step episodes."""
+    buf = ReplayBuffer(100_000, 8)
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, size=(8, 64, 64), dtype=np.uint8)
+    for t in range(buf.slots):
+        buf.add(
+            frame,
+            np.zeros(8, np.int64),
+            np.zeros(8, np.float32),
+            np.zeros(8, bool),
+            np.zeros(8, bool),
+            np.zeros(8, bool),
+            np.full(8, t % 1000 == 0),
+        )
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        buf.sample(batch_size, seq_len, rng)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def world_model_speed(preset_name: str, device: torch.device, updates: int = 10) -> dict[str, float]:
+    """Updates/s, samples/s and achieved FLOP/s of world-model updates at the preset's sizes."""
+    cfg = preset(preset_name)
+    wm = WorldModel(cfg.world_model, num_actions=4).to(device)
+    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
+    B, L = cfg.batch_size, cfg.world_model.seq_len
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(B * L * 4, 1)
+    for t in range(buf.slots):
+        buf.add(
+            rng.integers(0, 255, size=(1, 64, 64), dtype=np.uint8),
+            np.array([t % 4]),
+            np.array([float(t % 9 == 0)], np.float32),
+            np.zeros(1, bool),
+            np.zeros(1, bool),
+            np.zeros(1, bool),
+            np.array([t == 0]),
+        )
+    batch = buf.sample(B, L, rng, device)
+    with FlopCounterMode(display=False) as counter:
+        trainer.update(batch)
+    flops = counter.get_total_flops()
+    for _ in range(2):
+        trainer.update(batch)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(updates):
+        trainer.update(batch)
+    _sync(device)
+    dt = (time.perf_counter() - t0) / updates
+    params = {
+        name: sum(p.numel() for p in getattr(wm, name).parameters())
+        for name in ("encoder", "predictor", "decoder", "reward_head", "cont_head")
+    }
+    return {
+        "updates_per_s": 1 / dt,
+        "samples_per_s": B / dt,
+        "frames_per_s": B * L / dt,
+        "flop_per_update": float(flops),
+        "flop_per_s": flops / dt,
+        "batch_size": B,
+        "seq_len": L,
+        **{f"params_{k}": float(v) for k, v in params.items()},
+    }
+
+
+def imagination_speed(preset_name: str, device: torch.device, rollouts: int = 5) -> dict[str, float]:
+    """Imagined latent steps/s (starts x horizon) and policy updates/s (one rollout + PPO epochs each)."""
+    cfg = preset(preset_name)
+    wm = WorldModel(cfg.world_model, num_actions=4).to(device)
+    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, 4).to(device)
+    ppo = PPO(policy, cfg.ppo)
+    env = ImaginedEnv(wm, cfg.ppo.horizon)
+    starts = torch.randn(cfg.ppo.num_starts, cfg.world_model.context, cfg.world_model.encoder.embed_dim, device=device)
+    ppo.update(ppo.rollout(env, starts))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(rollouts):
+        ro = ppo.rollout(env, starts)
+    _sync(device)
+    t_roll = (time.perf_counter() - t0) / rollouts
+    t0 = time.perf_counter()
+    for _ in range(rollouts):
+        ppo.update(ro)
+    _sync(device)
+    t_upd = (time.perf_counter() - t0) / rollouts
+    return {
+        "imagined_steps_per_s": cfg.ppo.num_starts * cfg.ppo.horizon / t_roll,
+        "policy_updates_per_s": 1 / (t_roll + t_upd),
+        "rollout_s": t_roll,
+        "ppo_update_s": t_upd,
+    }
+
+
+def speed_main(args: argparse.Namespace, device: torch.device) -> int:
+    console = Console()
+    info = machine_info(device)
+    peak = matmul_peak(device)
+    result: dict = {
+        "machine": info,
+        "preset": args.preset,
+        "matmul_peak_flop_per_s": peak,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    table = Table(
+        title=f"wm-agent bench speed ({info['cpu']}, {info['cores']} cores, "
+        f"{info['torch_threads']} torch threads, {info['device']})"
+    )
+    table.add_column("what")
+    table.add_column("figure", justify="right")
+    table.add_row("matmul peak (2048^2, fp32 CPU / bf16 GPU)", f"{peak / 1e9:.1f} GFLOP/s")
+    if not args.skip_env:
+        for n in (1, 8):
+            e = env_speed(args.env, n)
+            result[f"env_{n}"] = e
+            table.add_row(
+                f"{args.env} x{n}: raw ale-py / make_env",
+                f"{e['raw_steps_per_s']:.0f} / {e['make_env_steps_per_s']:.0f} steps/s ({e['ratio']:.2f})",
+            )
+        r = replay_speed()
+        result["replay_batches_per_s"] = r
+        table.add_row("replay sample, B=64, T+1=7", f"{r:.0f} batches/s")
+    presets = [args.preset] if args.preset else ["cpu", "atari100k"]
+    for name in presets:
+        w = world_model_speed(name, device)
+        result[f"world_model_{name}"] = {**w, "fraction_of_peak": w["flop_per_s"] / peak}
+        table.add_row(
+            f"world model [{name}] B={w['batch_size']} L={w['seq_len']}",
+            f"{w['updates_per_s']:.2f} updates/s, {w['samples_per_s']:.0f} seq/s, "
+            f"{w['flop_per_s'] / 1e9:.1f} GFLOP/s = {w['flop_per_s'] / peak:.0%} of peak",
+        )
+        im = imagination_speed(name, device)
+        result[f"imagination_{name}"] = im
+        table.add_row(
+            f"imagination [{name}]",
+            f"{im['imagined_steps_per_s']:.0f} latent steps/s, {im['policy_updates_per_s']:.2f} policy updates/s",
+        )
+    console.print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        console.print(f"written to {args.out}")
+    return 0
+
+
+def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
+    """Train a world model on random-policy data of a real game; compare its next-frame prediction
+    with copying the last frame on held-out sequences, and save a picture of it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    console = Console()
+    cfg = preset(args.preset)
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+
+    def collect(steps: int, seed: int) -> ReplayBuffer:
+        env = make_env(args.env, num_envs=8, seed=seed)
+        buf = ReplayBuffer(steps, 8)
+        obs, info = env.reset(seed=seed)
+        first = info["is_first"]
+        for _ in range(steps // 8):
+            a = rng.integers(0, env.num_actions, size=8)
+            nxt, r, term, trunc, info = env.step(a)
+            buf.add(obs, a, r, term, trunc, info["life_loss"], first)
+            obs, first = nxt, info["is_first"]
+        env.close()
+        return buf
+
+    train_buf, test_buf = collect(args.data_steps, args.seed), collect(4_000, args.seed + 1)
+    wm = WorldModel(cfg.world_model, num_actions=make_env(args.env).num_actions).to(device)
+    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
+    L = cfg.world_model.seq_len
+    t0 = time.time()
+    for i in range(args.updates):
+        metrics, _ = trainer.update(
+            train_buf.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+        )
+        if (i + 1) % max(1, args.updates // 10) == 0:
+            console.print(
+                f"update {i + 1}/{args.updates}: loss {metrics['world_model/loss'].item():.4f}, "
+                f"{(i + 1) / (time.time() - t0):.2f} updates/s",
+                highlight=False,
+            )
+    wm.eval()
+    test = test_buf.sample(256, L, rng, device, rewarded_fraction=0.0)
+    with torch.no_grad():
+        _, m = wm.compute_loss(test)
+        K = cfg.world_model.context
+        z = wm.encode(test.frames[:, :K])
+        pred = wm.decode(wm.predictor(z, test.actions[:, K - 1])[:, 0]).clamp(0, 1)
+    real = test.frames[:, K].float() / 255
+    last = test.frames[:, K - 1].float() / 255
+    result = {k.split("/")[1]: float(v) for k, v in m.items()}
+    result.update(
+        {
+            "env": args.env,
+            "updates": args.updates,
+            "preset": args.preset,
+            "data_steps": args.data_steps,
+            "train_seconds": time.time() - t0,
+            "next_frame_mse": float((pred - real).square().mean()),
+            "copy_last_mse": float((last - real).square().mean()),
+        }
+    )
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "world_model_check.json").write_text(json.dumps(result, indent=2))
+    rows = 6
+    fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows))
+    for i in range(rows):
+        for j, (img, title) in enumerate(
+            ((real[i], "real next"), (pred[i], "predicted"), ((pred[i] - real[i]).abs(), "|error|"))
+        ):
+            axes[i, j].imshow(img.cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].set_axis_off()
+            if i == 0:
+                axes[i, j].set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_dir / "world_model_check.png", dpi=100)
+    table = Table(title=f"{args.env}: world model after {args.updates} updates (held-out random-policy data)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in (
+        "next_frame_mse",
+        "copy_last_mse",
+        "next_frame_mse_moving",
+        "copy_last_mse_moving",
+        "reward_acc_rewarded",
+        "cont_acc_terminal",
+    ):
+        table.add_row(key, f"{result[key]:.5f}")
+    console.print(table)
+    console.print(f"written to {out_dir / 'world_model_check.json'} and {out_dir / 'world_model_check.png'}")
+    return 0
+
+
+def bench_main(argv: list[str], device_of) -> int:
+    p = argparse.ArgumentParser(prog="wm-agent bench", description="Benchmarks of speed and world-model quality.")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("speed", help="env, replay, world-model and imagination throughput vs the matmul peak")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--preset", default=None, choices=PRESETS, help="default: cpu and atari100k")
+    s.add_argument("--env", default="ALE/Breakout-v5")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
+    s.add_argument("--skip-env", action="store_true", help="skip the env and replay figures")
+    s.add_argument("--out", default=None, help="JSON file for the figures")
+    w = sub.add_parser("world-model", help="train a world model on random-policy data, compare with copy-last-frame")
+    w.add_argument("--env", default="ALE/Breakout-v5")
+    w.add_argument("--preset", default="cpu", choices=PRESETS)
+    w.add_argument("--updates", type=int, default=1000)
+    w.add_argument("--data-steps", type=int, default=20_000)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--device", default="auto")
+    w.add_argument("--threads", type=int, default=0)
+    w.add_argument("--out-dir", default="runs/world_model_check")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = device_of(args.device)
+    if args.what == "speed":
+        return speed_main(args, device)
+    return world_model_check(args, device)
