@@ -69,7 +69,7 @@ def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0) -> fl
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def env_speed(env_id: str, num_envs: int, seconds: float = 3.0) -> dict[str, float]:
+def env_speed(env_id: str, num_envs: int, seconds: float = 3.0, backend: str = "auto") -> dict[str, float]:
     """Random-action steps/s of raw ale-py's vector env and of ``make_env`` (same game, same copies)."""
     from ale_py.vector_env import AtariVectorEnv
 
@@ -82,7 +82,7 @@ def env_speed(env_id: str, num_envs: int, seconds: float = 3.0) -> dict[str, flo
             steps += num_envs
         return steps / (time.perf_counter() - t0)
 
-    wrapped = make_env(env_id, num_envs=num_envs, seed=0)
+    wrapped = make_env(env_id, num_envs=num_envs, seed=0, backend=backend)
     wrapped.reset(seed=0)
     ours = run(wrapped.step, wrapped.num_actions)
     n_actions = wrapped.num_actions
@@ -217,6 +217,10 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
                 f"{args.env} x{n}: raw ale-py / make_env",
                 f"{e['raw_steps_per_s']:.0f} / {e['make_env_steps_per_s']:.0f} steps/s ({e['ratio']:.2f})",
             )
+            if args.env.startswith("ALE/"):
+                g = env_speed(args.env, n, backend="gym")
+                result[f"env_{n}_gym_backend"] = g
+                table.add_row(f"{args.env} x{n}: make_env(backend='gym')", f"{g['make_env_steps_per_s']:.0f} steps/s")
         r = replay_speed()
         result["replay_batches_per_s"] = r
         table.add_row("replay sample, B=64, T+1=7", f"{r:.0f} batches/s")
@@ -225,14 +229,14 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
         w = world_model_speed(name, device)
         result[f"world_model_{name}"] = {**w, "fraction_of_peak": w["flop_per_s"] / peak}
         table.add_row(
-            f"world model [{name}] B={w['batch_size']} L={w['seq_len']}",
+            f"world model ({name}) B={w['batch_size']} L={w['seq_len']}",
             f"{w['updates_per_s']:.2f} updates/s, {w['samples_per_s']:.0f} seq/s, "
             f"{w['flop_per_s'] / 1e9:.1f} GFLOP/s = {w['flop_per_s'] / peak:.0%} of peak",
         )
         im = imagination_speed(name, device)
         result[f"imagination_{name}"] = im
         table.add_row(
-            f"imagination [{name}]",
+            f"imagination ({name})",
             f"{im['imagined_steps_per_s']:.0f} latent steps/s, {im['policy_updates_per_s']:.2f} policy updates/s",
         )
     console.print(table)

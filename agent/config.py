@@ -100,6 +100,9 @@ def preset(name: str) -> TrainConfig:
             policy=PolicyConfig(history=3, hidden_dim=256),
             ppo=PPOConfig(num_starts=128),
             warmup_steps=2_000,
+            # The representation needs many hundreds of updates before it places ball and paddle
+            # (measured on Catch); the policy waits for it (LESSONS.md: PPO exploits an uninformed model).
+            wm_pretrain_updates=800,
             wm_train_ratio=1 / 16,
             policy_train_ratio=1 / 16,
         )

@@ -32,7 +32,8 @@ class LossConfig:
     cont: float = 1.0
     """Weight of the continue (termination) binary cross-entropy."""
     moving_pixel_weight: float = 20.0
-    """Extra weight on pixels that change between consecutive frames: plain MSE ignores a small ball."""
+    """Extra weight on pixels that change between consecutive frames or differ from the batch's
+    static background: plain MSE ignores a small ball."""
     moving_threshold: float = 0.05
     """A pixel 'moves' when its value in [0, 1] changes by more than this between frames."""
     reward_bins: int = 65
@@ -74,6 +75,13 @@ def moving_mask(prev: torch.Tensor, nxt: torch.Tensor, threshold: float) -> torc
     shape = changed.shape
     grown = F.max_pool2d(changed.reshape(-1, 1, *shape[-2:]), 3, stride=1, padding=1)
     return grown.reshape(shape)
+
+
+def foreground_mask(frames: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pixels of ``target`` ``[N, H, W]`` that differ from the batch's per-pixel median of ``frames``
+    ``[M, H, W]`` (an estimate of the static background): the paddle, the ball, the bricks left."""
+    background = frames.flatten(0, -3).median(dim=0).values  # (H, W)
+    return ((target - background).abs() > threshold).float()
 
 
 def balanced_weights(is_positive: torch.Tensor) -> torch.Tensor:
@@ -178,10 +186,15 @@ class WorldModel(nn.Module):
         next_hat = torch.func.functional_call(self.decoder, frozen, (z_pred_last.unsqueeze(1),))[:, 0, 0]
         move_next = moving_mask(x_now, x_next, lc.moving_threshold)
         move_now = moving_mask(ae_prev, ae_real, lc.moving_threshold)
+        # A still paddle does not move but matters as much as the ball: weight foreground pixels too.
+        fg_next = foreground_mask(x, x_next, lc.moving_threshold)
+        fg_now = foreground_mask(x, ae_real, lc.moving_threshold)
         next_err = (next_hat - x_next).square()
         now_err = (ae_hat - ae_real).square()
-        loss_next = (next_err * (1 + lc.moving_pixel_weight * move_next)).mean()
-        loss_now = (now_err * (1 + lc.moving_pixel_weight * move_now)).mean()
+        w_next = 1 + lc.moving_pixel_weight * torch.maximum(move_next, fg_next)
+        w_now = 1 + lc.moving_pixel_weight * torch.maximum(move_now, fg_now)
+        loss_next = (next_err * w_next).mean()
+        loss_now = (now_err * w_now).mean()
 
         # The predictor must land where the encoder would put the real next frame: imagination feeds
         # predicted latents back in as context. This term trains the predictor only (context and target
