@@ -200,7 +200,8 @@ class DynaTrainer:
                 timings["world_model"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                c.policy_budget += steps_this_iter * cfg.policy_train_ratio
+                if self.wm_trainer.updates >= cfg.policy_start_updates:
+                    c.policy_budget += steps_this_iter * cfg.policy_train_ratio
                 n_pi = int(c.policy_budget)
                 c.policy_budget -= n_pi
                 for _ in range(n_pi):
