@@ -149,12 +149,6 @@ class ReplayBuffer:
         )
         return batch.to(device)
 
-    def recent_rewards(self, n: int) -> np.ndarray:
-        """The rewards of the last ``n`` steps of every stream, float32 ``[n', N]``."""
-        n = min(n, self.filled)
-        idx = (self.pos - n + np.arange(n)) % self.slots
-        return self.rewards[idx]
-
     def save(self, directory: str | Path) -> None:
         """Write the buffer to ``directory`` (replaced atomically: a crash mid-write keeps the old copy)."""
         directory = Path(directory)

@@ -204,9 +204,8 @@ class WorldModel(nn.Module):
         rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
         cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
         # The heads learn from the predicted next latent (what imagination gives them) and from the
-        # encoded real one (a cleaner signal early on).
-        # Their gradients stop at the encoder too (LESSONS.md: a strong reward loss early on destroyed
-        # the visual representation); the encoder learns from pixels alone.
+        # encoded real one (a cleaner signal early on). Their gradients stop at the encoder too
+        # (LESSONS.md: a strong reward loss early on destroyed the visual representation).
         z_now_sg = z_now.detach()
         rew_logits, cont_logit = self.heads(torch.cat([z_now_sg, z_now_sg]), torch.cat([z_pred_sg, z_next.detach()]))
         rew, cont = torch.cat([rew, rew]), torch.cat([cont, cont])
