@@ -1,11 +1,14 @@
-"""The ``wm-agent`` command line: ``train`` (more subcommands come with later issues)."""
+"""The ``wm-agent`` command line: ``train``, ``eval``, ``watch`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import signal
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,17 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
+from agent.checkpoint import CheckpointError
 from agent.config import PRESETS, TrainConfig, preset, to_dict
-from agent.dyna import DeviceError, DynaTrainer, load_agent, load_run_config, resolve_device
+from agent.dyna import (
+    DeviceError,
+    DynaTrainer,
+    LoadedAgent,
+    NonFiniteError,
+    load_agent,
+    load_run_config,
+    resolve_device,
+)
 from agent.evaluate import evaluate, human_normalised
 from agent.logger import RunLogger
 from agent.replay import ReplayError
@@ -28,6 +40,7 @@ A model-based RL agent for Atari: a video-ViT world model trained online, PPO in
 commands:
   train   train an agent:  wm-agent train --env ALE/Breakout-v5 [--preset cpu] [--steps N] ...
   eval    score a trained agent over full episodes:  wm-agent eval RUN_DIR [--episodes 100]
+  watch   real vs imagined video of a trained agent:  wm-agent watch RUN_DIR [--steps 64] [--out FILE.gif|.mp4]
   bench   speed against the machine's limits (bench speed), world-model quality (bench world-model)
 
 Run 'wm-agent <command> --help' for a command's options.
@@ -38,9 +51,13 @@ class UsageError(ValueError):
     """Bad input on the command line."""
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = 2) -> int:
     Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    return 2
+    return code
+
+
+def _warn(msg: str) -> None:
+    Console(stderr=True).print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
 def default_run_dir(cfg: TrainConfig, name: str) -> Path:
@@ -59,11 +76,43 @@ def _validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     if not 0.0 <= cfg.sticky_actions < 1.0:
         raise UsageError(f"--sticky-actions must be in [0, 1), got {cfg.sticky_actions}")
+    if cfg.world_model.context < 1 or cfg.world_model.pred_steps < 1:
+        raise UsageError("--world-model.context and --world-model.pred-steps must be at least 1")
     if cfg.replay_capacity // cfg.num_envs < cfg.world_model.seq_len:
         raise UsageError(
             f"--replay-capacity {cfg.replay_capacity} cannot hold sequences of "
             f"{cfg.world_model.seq_len} frames in each of {cfg.num_envs} envs"
         )
+    if max(cfg.warmup_steps, cfg.collect_steps) // cfg.num_envs < cfg.world_model.seq_len:
+        raise UsageError(
+            f"the first world-model batch needs sequences of {cfg.world_model.seq_len} frames "
+            f"(--world-model.context + --world-model.pred-steps), but warm-up gives each of the {cfg.num_envs} "
+            f"envs only {max(cfg.warmup_steps, cfg.collect_steps) // cfg.num_envs}; raise --warmup-steps"
+        )
+
+
+def _parse_config(args: list[str], default: TrainConfig, description: str) -> TrainConfig:
+    """tyro's parse of the config fields; its boxed error becomes one :class:`UsageError` line."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            return tyro.cli(
+                TrainConfig,
+                default=default,
+                args=args,
+                prog="wm-agent train",
+                description=description,
+                config=(tyro.conf.FlagConversionOff,),
+            )
+    except SystemExit as e:
+        if not e.code:  # --help
+            sys.stdout.write(out.getvalue())
+            raise
+        lines = [ln.strip(" \t│╭╮╰╯") for ln in (err.getvalue() + out.getvalue()).splitlines()]
+        lines = [ln for ln in lines if ln.strip("─-━ ")]  # drop rules and blank lines
+        # lines[0] is the box title ("Value error"); the reason follows it.
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "invalid arguments")
+        raise UsageError(f"{detail} (see wm-agent train --help)") from None
 
 
 def train_main(argv: list[str]) -> int:
@@ -78,24 +127,25 @@ def train_main(argv: list[str]) -> int:
         if not (run_dir / "config.json").is_file():
             return _fail(f"{run_dir} is not a wm-agent run directory (no config.json)")
         cfg = load_run_config(run_dir)
+        more = argparse.ArgumentParser(add_help=False)
+        more.add_argument("--steps", type=int, default=None)
+        extra, rest = more.parse_known_args(rest)
         if rest:
-            return _fail("--resume takes no other options: the run continues with its saved config")
+            return _fail("--resume takes no options but --steps (a new total): the run continues with its saved config")
+        if extra.steps is not None:
+            cfg.steps = extra.steps
     else:
         name = known.preset or ("atari100k" if torch.cuda.is_available() else "cpu")
         if name not in PRESETS:
             return _fail(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         description = (
             f"Train wm-agent. Preset: {name} (--preset {{{','.join(PRESETS)}}}). "
-            "Also: --run-dir DIR, --resume RUN_DIR, --name NAME."
+            "Also: --run-dir DIR, --name NAME, --resume RUN_DIR [--steps NEW_TOTAL]."
         )
-        cfg = tyro.cli(
-            TrainConfig,
-            default=preset(name),
-            args=rest,
-            prog="wm-agent train",
-            description=description,
-            config=(tyro.conf.FlagConversionOff,),
-        )
+        try:
+            cfg = _parse_config(rest, preset(name), description)
+        except UsageError as e:
+            return _fail(str(e))
         run_dir = Path(known.run_dir) if known.run_dir else default_run_dir(cfg, known.name)
         if (run_dir / "config.json").exists():
             return _fail(
@@ -103,30 +153,76 @@ def train_main(argv: list[str]) -> int:
             )
     try:
         _validate(cfg)
-        trainer = DynaTrainer(cfg, run_dir, resume=bool(known.resume))
-    except (EnvSpecError, DeviceError, ReplayError, UsageError, ValueError) as e:
+        trainer = DynaTrainer(cfg, run_dir, resume=bool(known.resume), warn=_warn)
+    except (EnvSpecError, DeviceError, ReplayError, UsageError, CheckpointError, ValueError) as e:
         return _fail(str(e))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    console = Console()
+    console = Console(soft_wrap=True)
+    resumed = f", resumed at step {trainer.counters.env_steps} from {trainer.last_checkpoint}" if known.resume else ""
     console.print(
         f"wm-agent train: {cfg.env} ({trainer.env.num_actions} actions, sticky actions "
-        f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}",
+        f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}{resumed}",
         highlight=False,
     )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if trainer.stop_requested:  # a second signal: stop at once, without a checkpoint
+            raise KeyboardInterrupt
+        trainer.request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     logger = RunLogger(run_dir, cfg.steps, start_step=trainer.counters.env_steps, console=console)
     try:
         summary = trainer.train(logger)
-    finally:
+    except KeyboardInterrupt:
         logger.close()
+        last = trainer.last_checkpoint or "none written"
+        return _fail(f"aborted without a new checkpoint (last checkpoint: {last})", code=130)
+    except ReplayError as e:  # e.g. episodes shorter than the world model's sequences
+        logger.close()
+        return _fail(str(e))
+    except (NonFiniteError, CheckpointError) as e:
+        logger.close()
+        return _fail(f"{e}. Resume with: wm-agent train --resume {run_dir}" if trainer.last_checkpoint else str(e), 1)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    logger.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if summary["stopped_early"]:
+        console.print(
+            f"stopped at env step {summary['env_steps']} of {cfg.steps}; checkpoint written to "
+            f"{trainer.last_checkpoint}. Resume with: wm-agent train --resume {run_dir}",
+            highlight=False,
+        )
+        return 0
     console.print(
         f"done: {summary['env_steps']} env steps, {summary['episodes']} episodes, "
         f"mean return of the last 100 episodes {summary['return_last100']:.3f}; "
-        f"checkpoint in {trainer.checkpoint_path()}",
+        f"checkpoint in {trainer.last_checkpoint}",
         highlight=False,
     )
     return 0
+
+
+def _load(run: str, checkpoint: str | None, device_name: str) -> LoadedAgent | int:
+    """A trained agent from ``--checkpoint`` or ``run``, or the exit code of a one-line error."""
+    try:
+        device = resolve_device(device_name)
+        return load_agent(Path(checkpoint or run), device, warn=_warn)
+    except (DeviceError, CheckpointError) as e:
+        return _fail(str(e))
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        return _fail(f"cannot load a checkpoint from {checkpoint or run}: {str(e).splitlines()[0]}")
+
+
+def _output_dir(run: str, loaded: LoadedAgent) -> Path:
+    """Where results go by default: the run directory the checkpoint belongs to."""
+    p = Path(run)
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    return loaded.checkpoint.parent.parent.parent  # RUN_DIR/checkpoints/step_N/state.pt
 
 
 def eval_main(argv: list[str]) -> int:
@@ -134,7 +230,8 @@ def eval_main(argv: list[str]) -> int:
         prog="wm-agent eval",
         description="Score a trained agent over full episodes (life loss is not an end; unclipped scores).",
     )
-    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint file")
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory or file")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory or state.pt instead of the latest")
     p.add_argument("--episodes", type=int, default=100, help="full episodes to play (default 100)")
     p.add_argument("--seed", type=int, default=10_000, help="env seed (default 10000, apart from training seeds)")
     p.add_argument("--num-envs", type=int, default=8, help="env copies played in parallel")
@@ -144,15 +241,12 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.episodes <= 0 or args.num_envs <= 0:
         return _fail("--episodes and --num-envs must be positive")
-    try:
-        device = resolve_device(args.device)
-        loaded = load_agent(Path(args.run), device)
-    except (DeviceError, FileNotFoundError) as e:
-        return _fail(str(e))
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        return _fail(f"cannot load a checkpoint from {args.run}: {str(e).splitlines()[0]}")
+    loaded = _load(args.run, args.checkpoint, args.device)
+    if isinstance(loaded, int):
+        return loaded
+    device = next(loaded.wm.parameters()).device
     cfg = loaded.cfg
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(
         f"evaluating {loaded.checkpoint} ({loaded.env_steps} env steps trained) on {cfg.env}, "
         f"{args.episodes} episodes, sticky actions {cfg.sticky_actions}",
@@ -198,10 +292,65 @@ def eval_main(argv: list[str]) -> int:
         "-" if hns is None else f"{hns:.3f}",
     )
     console.print(table)
-    run_dir = Path(args.run) if Path(args.run).is_dir() else loaded.checkpoint.parent.parent
-    out = Path(args.out) if args.out else run_dir / "eval.json"
+    out = Path(args.out) if args.out else _output_dir(args.run, loaded) / "eval.json"
     out.write_text(json.dumps(result, indent=2))
     console.print(f"results written to {out}", highlight=False)
+    return 0
+
+
+def watch_main(argv: list[str]) -> int:
+    from agent.watch import open_loop, plot_error, render_frames, write_video
+
+    p = argparse.ArgumentParser(
+        prog="wm-agent watch",
+        description="Play the policy in the real env and, open loop from real context, in the world model; "
+        "write a side-by-side video (real | imagined | difference) and a PNG of the per-step error.",
+    )
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory or file")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory or state.pt instead of the latest")
+    p.add_argument("--steps", type=int, default=64, help="open-loop steps, one video frame each (default 64)")
+    p.add_argument("--out", default=None, help="video file, .gif or .mp4 (default RUN_DIR/videos/watch_<step>.gif)")
+    p.add_argument("--seed", type=int, default=0, help="env seed")
+    p.add_argument("--scale", type=int, default=4, help="upscaling of each 64x64 panel (default 4)")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    if args.steps <= 0 or args.scale <= 0 or args.fps <= 0:
+        return _fail("--steps, --scale and --fps must be positive")
+    if args.out and Path(args.out).suffix.lower() not in (".gif", ".mp4"):
+        return _fail(f"--out must end in .gif or .mp4, got {args.out}")
+    loaded = _load(args.run, args.checkpoint, args.device)
+    if isinstance(loaded, int):
+        return loaded
+    device = next(loaded.wm.parameters()).device
+    out = Path(args.out) if args.out else _output_dir(args.run, loaded) / "videos" / f"watch_{loaded.env_steps}.gif"
+    console = Console(soft_wrap=True)
+    console.print(
+        f"watching {loaded.checkpoint} ({loaded.env_steps} env steps trained) on {loaded.cfg.env}: "
+        f"{args.steps} open-loop steps from {loaded.cfg.world_model.context} real frames of context",
+        highlight=False,
+    )
+    ol = open_loop(loaded, args.steps, args.seed, device)
+    write_video(render_frames(ol, args.scale), out, args.fps)
+    png = out.with_suffix(".png")
+    plot_error(ol, png, f"{loaded.cfg.env}, {loaded.env_steps} env steps: open-loop error")
+    mse, base = ol.mse(), ol.copy_last_mse()
+    table = Table(title="open-loop error (MSE per pixel, [0, 1] scale), by steps after the real context")
+    for col in ("steps after context", "imagined", "last context frame held", "frames"):
+        table.add_column(col, justify="right")
+    t = ol.step_in_segment
+    for lo, hi in ((1, 1), (2, 5), (6, 15), (16, 50), (51, 10**9)):
+        m = (t >= lo) & (t <= hi)
+        if m.any():
+            label = str(lo) if lo == hi else (f"{lo}-{hi}" if hi < 10**9 else f"{lo}+")
+            table.add_row(label, f"{mse[m].mean():.5f}", f"{base[m].mean():.5f}", str(int(m.sum())))
+    console.print(table)
+    console.print(
+        f"rewards over the {args.steps} steps: real {ol.real_reward.sum():+.2f}, predicted "
+        f"{ol.predicted_reward.sum():+.2f}; {len(ol.segment_starts)} context segment(s)",
+        highlight=False,
+    )
+    console.print(f"video written to {out}, error plot to {png}", highlight=False)
     return 0
 
 
@@ -215,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if cmd == "eval":
         return eval_main(rest)
+    if cmd == "watch":
+        return watch_main(rest)
     if cmd == "bench":
         from agent.bench import bench_main
 

@@ -59,6 +59,12 @@ class TrainConfig:
     """Env steps between log lines."""
     checkpoint_every: int = 10_000
     """Env steps between checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (older ones are deleted); resume falls back to an older one if the newest is broken."""
+    image_every: int = 10_000
+    """Env steps between TensorBoard images of real vs predicted next frames (0 = never)."""
+    max_nonfinite_updates: int = 100
+    """Consecutive updates with a NaN/inf loss (each skipped) after which the run stops."""
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -125,6 +131,7 @@ def preset(name: str) -> TrainConfig:
             replay_capacity=2_000,
             log_every=100,
             checkpoint_every=0,
+            image_every=300,
             world_model=_small_world_model(32, 1, 2, (16, 8, 8), context=3, pred_steps=2),
             optim=OptimConfig(lr=1e-3, warmup_updates=5),
             policy=PolicyConfig(history=2, hidden_dim=64),

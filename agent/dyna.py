@@ -6,9 +6,9 @@ This module only sequences; models, losses and returns live in ``worldmodel/`` a
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agent.actor import RealEnvActor
+from agent.checkpoint import CheckpointError, checkpoint_dirs, load_latest, read_state, resolve, write_checkpoint
 from agent.config import TrainConfig, from_dict, to_dict
 from agent.logger import RunLogger
 from agent.policy import ActorCritic
@@ -47,13 +48,21 @@ class Counters:
     iterations: int = 0
     episodes: int = 0
     wm_budget: float = 0.0
+    """World-model updates owed (kept across a stop, so a resumed run does the same number)."""
     policy_budget: float = 0.0
+    pretrain_done: bool = False
+
+
+class NonFiniteError(RuntimeError):
+    """Losses stayed NaN/inf for ``max_nonfinite_updates`` updates in a row."""
 
 
 class DynaTrainer:
     """Builds the parts of one run and runs the Dyna loop over them."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, resume: bool = False, warn: Callable[[str], None] = print
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
@@ -80,18 +89,19 @@ class DynaTrainer:
         self.counters = Counters()
         self.episode_returns: list[float] = []
         self.starts: torch.Tensor | None = None
+        self.stop_requested = False
+        self.last_checkpoint: Path | None = None
         if resume:
-            self.load_checkpoint()
+            self.load_checkpoint(warn)
+
+    def request_stop(self) -> None:
+        """Finish the current update, write a checkpoint and return from :meth:`train` (signal-safe)."""
+        self.stop_requested = True
 
     # --- checkpoints -------------------------------------------------------------------------
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "latest.pt"
-
     def save_checkpoint(self) -> Path:
-        """One atomic write of models, optimizers, counters, config and RNG states; replay beside it."""
-        path = self.checkpoint_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.replay.save(path.parent / "replay")
+        """Models, optimizers, counters, config, RNG states and the replay buffer, as one atomic
+        checkpoint directory (see ``agent/checkpoint.py``)."""
         state = {
             "world_model": self.wm.state_dict(),
             "wm_optimizer": self.wm_trainer.optimizer.state_dict(),
@@ -105,16 +115,18 @@ class DynaTrainer:
             "num_actions": self.env.num_actions,
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": json.dumps(self.rng.bit_generator.state),
+            "rng_python": json.dumps(random.getstate()),
             "episode_returns": torch.tensor(self.episode_returns[-1000:], dtype=torch.float64),
         }
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        self.last_checkpoint = write_checkpoint(
+            self.run_dir, self.counters.env_steps, state, self.replay, keep=self.cfg.keep_checkpoints
+        )
+        return self.last_checkpoint
 
-    def load_checkpoint(self) -> None:
-        path = self.checkpoint_path()
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def load_checkpoint(self, warn: Callable[[str], None] = print) -> None:
+        state, replay, path = load_latest(self.run_dir, self.device, with_replay=True, warn=warn)
         self.wm.load_state_dict(state["world_model"])
         self.wm_trainer.optimizer.load_state_dict(state["wm_optimizer"])
         self.policy.load_state_dict(state["policy"])
@@ -124,9 +136,19 @@ class DynaTrainer:
         self.wm_trainer.updates = state["wm_updates"]
         self.ppo.updates = state["policy_updates"]
         torch.set_rng_state(state["rng_torch"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
         self.rng.bit_generator.state = json.loads(state["rng_numpy"])
+        version, internal, gauss = json.loads(state["rng_python"])
+        random.setstate((version, tuple(internal), gauss))
         self.episode_returns = state["episode_returns"].tolist()
-        self.replay = ReplayBuffer.load(path.parent / "replay")
+        assert replay is not None
+        if replay.num_envs != self.cfg.num_envs:
+            raise CheckpointError(
+                f"{path / 'replay'}: {replay.num_envs} env streams, the config has {self.cfg.num_envs}"
+            )
+        self.replay = replay
+        self.last_checkpoint = path
 
     # --- imagination starts ------------------------------------------------------------------
     def remember_starts(self, latents: torch.Tensor) -> None:
@@ -142,8 +164,36 @@ class DynaTrainer:
             return self.starts
         return self.replay.sample(self.cfg.ppo.num_starts, self.cfg.world_model.context, self.rng, self.device).frames
 
+    @torch.no_grad()
+    def prediction_image(self, count: int = 4) -> torch.Tensor:
+        """``[1, 2H, count*W]`` in [0, 1]: real next frames (top) over the model's predictions from the
+        real context before them (bottom). Sampled with its own RNG, so logging never changes training."""
+        K = self.cfg.world_model.context
+        batch = self.replay.sample(count, K + 1, np.random.default_rng(self.counters.env_steps), self.device)
+        self.wm.eval()
+        z = self.wm.encode(batch.frames[:, :K])
+        pred = self.wm.decode(self.wm.predictor(z, batch.actions[:, K - 1])[:, 0]).clamp(0, 1)  # (count, H, W)
+        real = WorldModel.to_float(batch.frames[:, K])
+        return torch.cat([torch.cat(list(real), dim=1), torch.cat(list(pred), dim=1)], dim=0)[None].cpu()
+
+    def _check_finite(self) -> None:
+        limit = self.cfg.max_nonfinite_updates
+        for name, owner in (("world-model", self.wm_trainer), ("policy", self.ppo)):
+            if owner.consecutive_skipped >= limit:
+                kept = (
+                    f"the last good checkpoint {self.last_checkpoint} is intact"
+                    if self.last_checkpoint
+                    else ("no checkpoint was written yet")
+                )
+                raise NonFiniteError(
+                    f"the {name} loss was NaN or inf for {owner.consecutive_skipped} updates in a row (each skipped) "
+                    f"at env step {self.counters.env_steps}; stopped without saving, {kept}. "
+                    "Try a lower learning rate (--optim.lr / --ppo.lr) or check the env's observations and rewards"
+                )
+
     # --- the loop ----------------------------------------------------------------------------
     def train(self, logger: RunLogger) -> dict[str, float]:
+        """Run until ``cfg.steps`` env steps or :meth:`request_stop`; a checkpoint is written either way."""
         cfg, c = self.cfg, self.counters
         N = cfg.num_envs
         obs, info = self.env.reset(seed=cfg.seed + c.env_steps)
@@ -151,12 +201,12 @@ class DynaTrainer:
         self.actor.observe(obs, is_first)
         next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
         next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every if cfg.checkpoint_every else None
+        next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every if cfg.image_every else None
         timings = {"collect": 0.0, "world_model": 0.0, "policy": 0.0}
-        pretrained = c.env_steps > cfg.warmup_steps
-        while c.env_steps < cfg.steps:
+        while c.env_steps < cfg.steps and not self.stop_requested:
             t0 = time.perf_counter()
             steps_this_iter = 0
-            while steps_this_iter < cfg.collect_steps and c.env_steps < cfg.steps:
+            while steps_this_iter < cfg.collect_steps and c.env_steps < cfg.steps and not self.stop_requested:
                 if c.env_steps < cfg.warmup_steps:
                     action = self.rng.integers(0, self.env.num_actions, size=N)
                 else:
@@ -179,14 +229,11 @@ class DynaTrainer:
 
             if c.env_steps >= cfg.warmup_steps:
                 t0 = time.perf_counter()
-                n_wm = 0
-                if not pretrained:
-                    n_wm = cfg.wm_pretrain_updates
-                    pretrained = True
+                if not c.pretrain_done:
+                    c.wm_budget += cfg.wm_pretrain_updates
+                    c.pretrain_done = True
                 c.wm_budget += steps_this_iter * cfg.wm_train_ratio
-                n_wm += int(c.wm_budget)
-                c.wm_budget -= int(c.wm_budget)
-                for _ in range(n_wm):
+                while c.wm_budget >= 1 and not self.stop_requested:
                     batch = self.replay.sample(
                         cfg.batch_size,
                         cfg.world_model.seq_len,
@@ -195,21 +242,26 @@ class DynaTrainer:
                         rewarded_fraction=cfg.rewarded_fraction,
                     )
                     metrics, latents = self.wm_trainer.update(batch)
+                    c.wm_budget -= 1
                     logger.add(metrics)
                     self.remember_starts(latents)
+                    self._check_finite()
                 timings["world_model"] += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
-                n_pi = int(c.policy_budget)
-                c.policy_budget -= n_pi
-                for _ in range(n_pi):
+                while c.policy_budget >= 1 and not self.stop_requested:
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
                     logger.add(self.ppo.update(rollout))
+                    c.policy_budget -= 1
+                    self._check_finite()
                 timings["policy"] += time.perf_counter() - t0
 
-            if c.env_steps >= next_log or c.env_steps >= cfg.steps:
+            if next_image is not None and c.env_steps >= next_image and c.env_steps >= cfg.warmup_steps:
+                logger.add_image("world_model/next_frame_real_vs_predicted", self.prediction_image(), c.env_steps)
+                next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every
+            if c.env_steps >= next_log or c.env_steps >= cfg.steps or self.stop_requested:
                 total = sum(timings.values())
                 logger.add({f"time/{k}_fraction": v / total for k, v in timings.items() if total > 0})
                 logger.add(
@@ -223,15 +275,16 @@ class DynaTrainer:
                 if self.episode_returns:
                     logger.add({"charts/return_last100": float(np.mean(self.episode_returns[-100:]))})
                 logger.flush(c.env_steps)
-                next_log += cfg.log_every
-            if next_ckpt is not None and c.env_steps >= next_ckpt:
+                next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
+            if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stop_requested:
                 self.save_checkpoint()
-                next_ckpt += cfg.checkpoint_every
+                next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         self.save_checkpoint()
         self.env.close()
         return {
             "env_steps": c.env_steps,
             "episodes": c.episodes,
+            "stopped_early": c.env_steps < cfg.steps,
             "return_last100": float(np.mean(self.episode_returns[-100:])) if self.episode_returns else float("nan"),
             **{f"time_{k}_s": v for k, v in timings.items()},
         }
@@ -252,12 +305,15 @@ class LoadedAgent:
     checkpoint: Path
 
 
-def load_agent(path: Path, device: torch.device) -> LoadedAgent:
-    """Load from a run directory (its latest checkpoint) or a checkpoint file. Never unpickles code."""
-    ckpt = path / "checkpoints" / "latest.pt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{path} is neither a wm-agent run directory with a checkpoint nor a checkpoint file")
-    state = torch.load(ckpt, map_location=device, weights_only=True)
+def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = print) -> LoadedAgent:
+    """Load from a run directory (its newest usable checkpoint), a checkpoint directory or a ``state.pt``.
+    Never unpickles code; raises :class:`CheckpointError` with a one-line reason."""
+    if path.is_dir() and checkpoint_dirs(path):
+        state, _, ckpt_dir = load_latest(path, device, with_replay=False, warn=warn, quarantine_broken=False)
+        ckpt = ckpt_dir / "state.pt"
+    else:
+        ckpt = resolve(path)
+        state = read_state(ckpt, device)
     cfg = from_dict(json.loads(state["config"]))
     wm = WorldModel(cfg.world_model, state["num_actions"]).to(device)
     wm.load_state_dict(state["world_model"])

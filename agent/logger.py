@@ -87,6 +87,11 @@ class RunLogger:
             print(f"step {step}/{self.total} | {sps:.0f} steps/s | ETA {eta:.0f}s | {status}", flush=True)
         return row
 
+    def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """A ``[C, H, W]`` image in [0, 1] to TensorBoard at ``step``."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="CHW")
+
     def status_line(self) -> str:
         parts = []
         for key, label in (

@@ -68,6 +68,8 @@ class PPO:
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
         self.return_scale = torch.ones(())
         self.updates = 0
+        self.skipped = 0
+        self.consecutive_skipped = 0
 
     @torch.no_grad()
     def rollout(self, env: ImaginedEnv, start: torch.Tensor) -> Rollout:
@@ -123,6 +125,7 @@ class PPO:
         mb = max(1, n // cfg.minibatches)
         stats: dict[str, list[torch.Tensor]] = {"pg": [], "v": [], "ent": [], "kl": [], "clipfrac": []}
         self.policy.train()
+        skipped = 0
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, device=ro.actions.device)
             for i in range(0, n, mb):
@@ -136,6 +139,9 @@ class PPO:
                 vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
                 ent = (dist.entropy() * w).mean()
                 loss = pg + cfg.value_coef * vloss - cfg.entropy_coef * ent
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
@@ -147,8 +153,15 @@ class PPO:
                     stats["kl"].append((flat["logprobs"][j] - logp).mean().detach())
                     stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip).float().mean())
         self.updates += 1
-        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+        if skipped:
+            self.skipped += 1
+            self.consecutive_skipped += 1
+        else:
+            self.consecutive_skipped = 0
+        nan = torch.tensor(float("nan"))
+        mean = {k: torch.stack(v).mean() if v else nan for k, v in stats.items()}
         return {
+            "policy/skipped_updates": torch.tensor(float(self.skipped)),
             "policy/pg_loss": mean["pg"],
             "policy/value_loss": mean["v"],
             "policy/entropy": mean["ent"],

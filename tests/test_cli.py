@@ -38,6 +38,10 @@ def test_train_help_documents_fields() -> None:
         (["--num-envs", "0"], "--num-envs must be positive"),
         (["--ppo.horizon", "0"], "horizon must be positive"),
         (["--preset", "huge"], "unknown preset"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--world-model.context", "60"], "raise --warmup-steps"),
+        (["--no-such-field", "1"], "no-such-field"),
+        (["--steps", "many"], "many"),
         (["--device", "cuda"], None),
     ],
 )
@@ -66,7 +70,7 @@ def test_train_then_eval_on_catch(tmp_path: Path) -> None:
     wm_losses = [r["world_model/loss"] for r in rows if "world_model/loss" in r]
     assert len(wm_losses) >= 2 and wm_losses[-1] < wm_losses[0], wm_losses  # the loop runs and the model learns
     assert any("policy/entropy" in r for r in rows) and any("imagination/return" in r for r in rows)
-    assert (run_dir / "checkpoints" / "latest.pt").is_file()
+    assert (run_dir / "checkpoints" / "step_0000000400" / "state.pt").is_file()
 
     again = run("train", "--env", "wm/Catch-v0", "--preset", "debug", "--run-dir", str(run_dir))
     assert again.returncode == 2 and "--resume" in again.stderr

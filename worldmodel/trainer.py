@@ -47,6 +47,7 @@ class WorldModelTrainer:
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.updates = 0
         self.skipped = 0
+        self.consecutive_skipped = 0
 
     def update(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One gradient step on ``batch``; returns detached metrics and the batch's detached latents
@@ -58,6 +59,7 @@ class WorldModelTrainer:
             loss, metrics, latents = self.model.loss_and_latents(batch)
         if not math.isfinite(loss.item()):
             self.skipped += 1
+            self.consecutive_skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             metrics["world_model/skipped_updates"] = torch.tensor(float(self.skipped))
             return metrics, latents.float()
@@ -66,5 +68,6 @@ class WorldModelTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.updates += 1
+        self.consecutive_skipped = 0
         metrics["world_model/grad_norm"] = grad_norm.detach()
         return metrics, latents.float()

@@ -31,6 +31,9 @@ class LossConfig:
     """Weight of the two-hot reward cross-entropy."""
     cont: float = 1.0
     """Weight of the continue (termination) binary cross-entropy."""
+    open_loop: float = 1.0
+    """Weight of the latent loss of P predictions chained open loop (each fed back as context), as
+    imagination chains them; 0 trains the predictor on real context only."""
     moving_pixel_weight: float = 20.0
     """Extra weight on pixels that change between consecutive frames or differ from the batch's
     static background: plain MSE ignores a small ball."""
@@ -200,15 +203,34 @@ class WorldModel(nn.Module):
         # predicted latents back in as context. This term trains the predictor only (context and target
         # detached): let through to the encoder, it made the latents collapse to a constant on Catch.
         loss_latent = F.mse_loss(z_pred_sg, z_next.detach())
+        # Imagination feeds the predictor its own outputs for H steps; trained on real context alone it
+        # drifts off the encoder's manifold after a few steps and the heads then misjudge rewards. Chain
+        # P predictions here, gradients through the chain but not into the encoder.
+        z_targets = z[:, K : K + P].detach()
+        window, chain = z[:, :K].detach(), []
+        for p in range(P):
+            step = self.predictor(window, batch.actions[:, K - 1 + p])  # (B, 1, E)
+            chain.append(step[:, 0])
+            window = torch.cat([window[:, 1:], step], dim=1)
+        z_open = torch.stack(chain, dim=1)  # (B, P, E)
+        open_err = (z_open - z_targets).square().mean(dim=(0, 2))  # (P,)
+        loss_open = open_err.mean()
+        z_open_prev = torch.cat([z[:, K - 1 : K].detach(), z_open[:, :-1]], dim=1)  # (B, P, E)
 
         rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
         cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
         # The heads learn from the predicted next latent (what imagination gives them) and from the
         # encoded real one (a cleaner signal early on). Their gradients stop at the encoder too
         # (LESSONS.md: a strong reward loss early on destroyed the visual representation).
+        # They also see open-loop pairs, the kind of transition deep into an imagined rollout.
         z_now_sg = z_now.detach()
-        rew_logits, cont_logit = self.heads(torch.cat([z_now_sg, z_now_sg]), torch.cat([z_pred_sg, z_next.detach()]))
-        rew, cont = torch.cat([rew, rew]), torch.cat([cont, cont])
+        rew_logits, cont_logit = self.heads(
+            torch.cat([z_now_sg, z_now_sg, rearrange(z_open_prev, "b p e -> (b p) e")]),
+            torch.cat([z_pred_sg, z_next.detach(), rearrange(z_open, "b p e -> (b p) e")]),
+        )
+        rew_open = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
+        cont_open = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
+        rew, cont = torch.cat([rew, rew, rew_open]), torch.cat([cont, cont, cont_open])
         rewarded = rew != 0
         rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
         loss_reward = (rew_ce * balanced_weights(rewarded)).mean()
@@ -219,6 +241,7 @@ class WorldModel(nn.Module):
             lc.next_frame * loss_next
             + lc.current_frame * loss_now
             + lc.latent * loss_latent
+            + lc.open_loop * loss_open
             + lc.reward * loss_reward
             + lc.cont * loss_cont
         )
@@ -227,6 +250,9 @@ class WorldModel(nn.Module):
             n_moving = moving.sum().clamp(min=1)
             # Head accuracies on the predicted latents only: those are what imagination runs on.
             n = B * P
+            open_hat = twohot_decode(rew_logits[2 * n :], self.reward_bins)
+            open_ok = (open_hat - rew[2 * n :]).abs() < 0.5 * rew[2 * n :].abs().clamp(min=1.0)
+            open_acc_rewarded = (open_ok & rewarded[2 * n :]).sum() / rewarded[2 * n :].sum().clamp(min=1)
             rew, cont, rewarded = rew[:n], cont[:n], rewarded[:n]
             rew_hat = twohot_decode(rew_logits[:n], self.reward_bins)
             rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
@@ -238,6 +264,7 @@ class WorldModel(nn.Module):
                 "world_model/next_frame_loss": loss_next.detach(),
                 "world_model/current_frame_loss": loss_now.detach(),
                 "world_model/latent_loss": loss_latent.detach(),
+                "world_model/open_loop_latent_mse_last": open_err[-1].detach(),
                 "world_model/reward_loss": loss_reward.detach(),
                 "world_model/cont_loss": loss_cont.detach(),
                 "world_model/next_frame_mse": next_err.mean(),
@@ -246,6 +273,7 @@ class WorldModel(nn.Module):
                 "world_model/recon_mse": now_err.mean(),
                 "world_model/reward_acc": rew_ok.float().mean(),
                 "world_model/reward_acc_rewarded": (rew_ok & rewarded).sum() / n_rew.clamp(min=1),
+                "world_model/reward_acc_rewarded_open_loop": open_acc_rewarded,
                 "world_model/reward_acc_unrewarded": (rew_ok & ~rewarded).sum() / (~rewarded).sum().clamp(min=1),
                 "world_model/rewarded_fraction": rewarded.float().mean(),
                 "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
