@@ -33,6 +33,9 @@ class MakeEnvVecEnv(VecEnv):
         super().__init__(num_envs, obs_space, gym.spaces.Discrete(self.env.num_actions))
         self.actions = np.zeros(num_envs, dtype=np.int64)
         self.episode_returns: list[float] = []
+        self.episode_end_steps: list[int] = []
+        """Env steps (all copies) when each episode in ``episode_returns`` ended."""
+        self.env_steps = 0
 
     def reset(self) -> np.ndarray:
         obs, _ = self.env.reset(seed=self.seed_value)
@@ -43,6 +46,7 @@ class MakeEnvVecEnv(VecEnv):
 
     def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
         obs, rew, term, trunc, info = self.env.step(self.actions)
+        self.env_steps += self.num_envs
         done = term | trunc | info["life_loss"]
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         for i in range(self.num_envs):
@@ -52,6 +56,7 @@ class MakeEnvVecEnv(VecEnv):
             if not np.isnan(info["episode_return"][i]):
                 infos[i]["episode"] = {"r": float(info["episode_return"][i]), "l": int(info["episode_length"][i])}
                 self.episode_returns.append(float(info["episode_return"][i]))
+                self.episode_end_steps.append(self.env_steps)
         return obs[:, None], np.sign(rew).astype(np.float32), done, infos
 
     def close(self) -> None:
@@ -74,10 +79,12 @@ def _linear(start: float):
     return lambda progress: progress * start
 
 
-def train_ppo(env_id: str, steps: int, seed: int, sticky_actions: float = 0.0) -> tuple[PPO, list[float], float]:
+def train_ppo(
+    env_id: str, steps: int, seed: int, sticky_actions: float = 0.0, device: str = "cpu"
+) -> tuple[PPO, list[tuple[int, float]], float]:
     """rl-zoo3's Atari PPO: 8 envs, 128 steps, 4 epochs, batch 256, lr 2.5e-4 and clip 0.1 (both
     linearly decayed), ent 0.01, vf 0.5, 4 stacked frames. Returns the model, the training episodes'
-    returns and the wall time."""
+    ``(env steps at the end, return)`` and the wall time."""
     venv = VecFrameStack(MakeEnvVecEnv(env_id, 8, seed, sticky_actions), 4, channels_order="first")
     model = PPO(
         "CnnPolicy",
@@ -91,11 +98,12 @@ def train_ppo(env_id: str, steps: int, seed: int, sticky_actions: float = 0.0) -
         ent_coef=0.01,
         seed=seed,
         verbose=0,
-        device="cpu",
+        device=device,
     )
     t0 = time.time()
     model.learn(total_timesteps=steps)
-    return model, venv.venv.episode_returns, time.time() - t0
+    inner = venv.venv
+    return model, list(zip(inner.episode_end_steps, inner.episode_returns, strict=True)), time.time() - t0
 
 
 def evaluate_ppo(model: PPO, env_id: str, episodes: int, seed: int, sticky_actions: float = 0.0) -> list[float]:
@@ -126,7 +134,8 @@ def main() -> None:
         "steps": args.steps,
         "seed": args.seed,
         "train_seconds": seconds,
-        "train_returns": train_returns,
+        "train_returns": [r for _, r in train_returns],
+        "train_episode_end_steps": [s for s, _ in train_returns],
         "eval_returns": scores,
         "eval_mean": float(np.mean(scores)),
         "sticky_actions": args.sticky_actions,

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from agent.bench_learn import add_parser as add_learn_parser
+from agent.bench_learn import learn_main
 from agent.config import PRESETS, preset
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -192,6 +194,37 @@ def imagination_speed(preset_name: str, device: torch.device, rollouts: int = 5)
     }
 
 
+def dyna_split(preset_name: str, env_id: str, device: torch.device, iterations: int = 2) -> dict[str, float]:
+    """Seconds per Dyna iteration in each phase: a short run whose warm-up just fills the first batch,
+    without pre-training, then ``iterations`` full iterations at the preset's ratios."""
+    import tempfile
+
+    from rich.console import Console as _Console
+
+    from agent.dyna import DynaTrainer
+    from agent.logger import RunLogger
+
+    cfg = preset(preset_name)
+    cfg.env, cfg.device, cfg.threads = env_id, str(device), 0
+    cfg.warmup_steps = max(cfg.collect_steps, 2 * cfg.world_model.seq_len * cfg.num_envs)
+    cfg.wm_pretrain_updates = cfg.policy_start_updates = 0
+    cfg.steps = cfg.warmup_steps + iterations * cfg.collect_steps
+    cfg.checkpoint_every = cfg.image_every = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = DynaTrainer(cfg, Path(tmp))
+        logger = RunLogger(Path(tmp), cfg.steps, console=_Console(quiet=True), tensorboard=False)
+        summary = trainer.train(logger, final_checkpoint=False)
+        logger.close()
+    split = {k[5:-2]: v for k, v in summary.items() if k.startswith("time_")}
+    n_iter = cfg.steps // cfg.collect_steps
+    return {"per_iteration_s": {k: v / n_iter for k, v in split.items()}, "fraction": _fractions(split)}
+
+
+def _fractions(split: dict[str, float]) -> dict[str, float]:
+    total = sum(split.values())
+    return {k: v / total for k, v in split.items()}
+
+
 def speed_main(args: argparse.Namespace, device: torch.device) -> int:
     console = Console()
     info = machine_info(device)
@@ -239,6 +272,14 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
             f"imagination ({name})",
             f"{im['imagined_steps_per_s']:.0f} latent steps/s, {im['policy_updates_per_s']:.2f} policy updates/s",
         )
+        if name == presets[0] and not args.skip_dyna:
+            d = dyna_split(name, args.env, device)
+            result[f"dyna_iteration_{name}"] = d
+            table.add_row(
+                f"one Dyna iteration ({name}, {args.env})",
+                ", ".join(f"{k} {v:.0%}" for k, v in d["fraction"].items())
+                + f" of {sum(d['per_iteration_s'].values()):.1f} s",
+            )
     console.print(table)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -349,6 +390,7 @@ def bench_main(argv: list[str], device_of) -> int:
     s.add_argument("--env", default="ALE/Breakout-v5")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     s.add_argument("--skip-env", action="store_true", help="skip the env and replay figures")
+    s.add_argument("--skip-dyna", action="store_true", help="skip the Dyna iteration time split")
     s.add_argument("--out", default=None, help="JSON file for the figures")
     w = sub.add_parser("world-model", help="train a world model on random-policy data, compare with copy-last-frame")
     w.add_argument("--env", default="ALE/Breakout-v5")
@@ -359,10 +401,13 @@ def bench_main(argv: list[str], device_of) -> int:
     w.add_argument("--device", default="auto")
     w.add_argument("--threads", type=int, default=0)
     w.add_argument("--out-dir", default="runs/world_model_check")
+    add_learn_parser(sub)
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = device_of(args.device)
+    if args.what == "learn":
+        return learn_main(args)
     if args.what == "speed":
         return speed_main(args, device)
     return world_model_check(args, device)

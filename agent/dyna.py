@@ -88,6 +88,8 @@ class DynaTrainer:
         self.actor = RealEnvActor(self.wm, self.policy, cfg.num_envs, self.device)
         self.counters = Counters()
         self.episode_returns: list[float] = []
+        self.episode_end_steps: list[int] = []
+        """Env steps (all copies together) when each episode in ``episode_returns`` ended."""
         self.starts: torch.Tensor | None = None
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
@@ -116,7 +118,8 @@ class DynaTrainer:
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": json.dumps(self.rng.bit_generator.state),
             "rng_python": json.dumps(random.getstate()),
-            "episode_returns": torch.tensor(self.episode_returns[-1000:], dtype=torch.float64),
+            "episode_returns": torch.tensor(self.episode_returns, dtype=torch.float64),
+            "episode_end_steps": torch.tensor(self.episode_end_steps, dtype=torch.int64),
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -142,6 +145,7 @@ class DynaTrainer:
         version, internal, gauss = json.loads(state["rng_python"])
         random.setstate((version, tuple(internal), gauss))
         self.episode_returns = state["episode_returns"].tolist()
+        self.episode_end_steps = state["episode_end_steps"].tolist()
         assert replay is not None
         if replay.num_envs != self.cfg.num_envs:
             raise CheckpointError(
@@ -192,8 +196,8 @@ class DynaTrainer:
                 )
 
     # --- the loop ----------------------------------------------------------------------------
-    def train(self, logger: RunLogger) -> dict[str, float]:
-        """Run until ``cfg.steps`` env steps or :meth:`request_stop`; a checkpoint is written either way."""
+    def train(self, logger: RunLogger, final_checkpoint: bool = True) -> dict[str, float]:
+        """Run until ``cfg.steps`` env steps or :meth:`request_stop`; then write a checkpoint."""
         cfg, c = self.cfg, self.counters
         N = cfg.num_envs
         obs, info = self.env.reset(seed=cfg.seed + c.env_steps)
@@ -202,7 +206,8 @@ class DynaTrainer:
         next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
         next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every if cfg.checkpoint_every else None
         next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every if cfg.image_every else None
-        timings = {"collect": 0.0, "world_model": 0.0, "policy": 0.0}
+        timings = {"collect": 0.0, "world_model": 0.0, "imagination": 0.0, "policy": 0.0}
+        t_start = time.perf_counter()
         while c.env_steps < cfg.steps and not self.stop_requested:
             t0 = time.perf_counter()
             steps_this_iter = 0
@@ -218,6 +223,7 @@ class DynaTrainer:
                 done = ~np.isnan(info["episode_return"])
                 for r in info["episode_return"][done]:
                     self.episode_returns.append(float(r))
+                    self.episode_end_steps.append(c.env_steps + N)
                     logger.add({"charts/episode_return": float(r)})
                 for n in info["episode_length"][done]:
                     logger.add({"charts/episode_length": float(n)})
@@ -248,15 +254,17 @@ class DynaTrainer:
                     self._check_finite()
                 timings["world_model"] += time.perf_counter() - t0
 
-                t0 = time.perf_counter()
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
                 while c.policy_budget >= 1 and not self.stop_requested:
+                    t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
+                    t1 = time.perf_counter()
                     logger.add(self.ppo.update(rollout))
                     c.policy_budget -= 1
                     self._check_finite()
-                timings["policy"] += time.perf_counter() - t0
+                    timings["imagination"] += t1 - t0
+                    timings["policy"] += time.perf_counter() - t1
 
             if next_image is not None and c.env_steps >= next_image and c.env_steps >= cfg.warmup_steps:
                 logger.add_image("world_model/next_frame_real_vs_predicted", self.prediction_image(), c.env_steps)
@@ -279,7 +287,8 @@ class DynaTrainer:
             if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stop_requested:
                 self.save_checkpoint()
                 next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-        self.save_checkpoint()
+        if final_checkpoint:
+            self.save_checkpoint()
         self.env.close()
         return {
             "env_steps": c.env_steps,
@@ -287,6 +296,7 @@ class DynaTrainer:
             "stopped_early": c.env_steps < cfg.steps,
             "return_last100": float(np.mean(self.episode_returns[-100:])) if self.episode_returns else float("nan"),
             **{f"time_{k}_s": v for k, v in timings.items()},
+            "time_other_s": time.perf_counter() - t_start - sum(timings.values()),
         }
 
 

@@ -100,3 +100,23 @@ def test_bench_speed_writes_positive_figures(tmp_path: Path) -> None:
     assert w["updates_per_s"] > 0 and w["flop_per_update"] > 0 and 0 < w["fraction_of_peak"]
     assert res["imagination_debug"]["imagined_steps_per_s"] > 0
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch"]
+    split = res["dyna_iteration_debug"]
+    assert set(split["fraction"]) == {"collect", "world_model", "imagination", "policy", "other"}
+    assert all(v > 0 for k, v in split["per_iteration_s"].items() if k != "other")
+    assert abs(sum(split["fraction"].values()) - 1) < 1e-6
+
+
+def test_bench_learn_writes_both_agents(tmp_path: Path) -> None:
+    out = run(
+        "bench", "learn", "--env", "wm/Catch-v0", "--preset", "debug", "--steps", "300", "--seeds", "1",
+        "--episodes", "3", "--threshold", "0.5", "--threads", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "learn.json").read_text())
+    assert res["env_id"] == "wm/Catch-v0" and res["steps"] == 300 and len(res["seeds"]) == 1
+    for agent in ("wm_agent", "sb3_ppo"):
+        a = res["seeds"][0][agent]
+        assert a["env_steps"] >= 300 and a["train_seconds"] > 0 and len(a["eval_returns"]) == 3
+        assert a["eval_mean"] == sum(a["eval_returns"]) / 3
+        assert len(a["curve_steps"]) == len(a["curve_last100"]) > 0 and "steps_to_threshold" in a
+    assert (tmp_path / "learn.png").stat().st_size > 0

@@ -1,0 +1,203 @@
+"""``wm-agent bench learn``: wm-agent and stable-baselines3 PPO on the same env, budget and protocol.
+
+Per seed, both agents train for the same number of env steps on ``envs.make_env`` copies and are
+then scored over the same number of full evaluation episodes. Reported: the mean score per seed and
+its ratio, the env steps each needed for its last-100-episode mean to reach ``--threshold``, and a
+PNG of both learning curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from agent.config import PRESETS, preset, to_dict
+from agent.dyna import DynaTrainer
+from agent.evaluate import evaluate
+from agent.logger import RunLogger
+
+
+def rolling_curve(end_steps: list[int], returns: list[float], window: int = 100) -> tuple[list[int], list[float]]:
+    """Mean of the last ``window`` episode returns after each episode: ``(env steps, mean)``."""
+    r = np.asarray(returns, dtype=np.float64)
+    means = [float(r[max(0, i + 1 - window) : i + 1].mean()) for i in range(len(r))]
+    return list(end_steps), means
+
+
+def steps_to_threshold(steps: list[int], means: list[float], threshold: float, window: int = 100) -> int | None:
+    """First env step at which a full ``window``-episode mean reaches ``threshold`` (None if never)."""
+    for i, (s, m) in enumerate(zip(steps, means, strict=True)):
+        if i + 1 >= window and m >= threshold:
+            return int(s)
+    return None
+
+
+def run_wm_agent(args: argparse.Namespace, seed: int, out: Path, console: Console) -> dict:
+    cfg = preset(args.preset)
+    cfg.env, cfg.steps, cfg.seed, cfg.threads, cfg.device = args.env, args.steps, seed, args.threads, args.device
+    run_dir = out / f"wm-agent_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    trainer = DynaTrainer(cfg, run_dir)
+    logger = RunLogger(run_dir, cfg.steps, console=console)
+    t0 = time.time()
+    try:
+        summary = trainer.train(logger)
+    finally:
+        logger.close()
+    seconds = time.time() - t0
+    scores = evaluate(
+        trainer.wm,
+        trainer.policy,
+        cfg.env,
+        args.episodes,
+        10_000 + seed,
+        trainer.device,
+        sticky_actions=cfg.sticky_actions,
+    )
+    steps, means = rolling_curve(trainer.episode_end_steps, trainer.episode_returns)
+    return {
+        "run_dir": str(run_dir),
+        "env_steps": summary["env_steps"],
+        "train_seconds": seconds,
+        "eval_returns": scores,
+        "eval_mean": float(np.mean(scores)),
+        "curve_steps": steps,
+        "curve_last100": means,
+        "time_split_s": {k[5:-2]: v for k, v in summary.items() if k.startswith("time_")},
+    }
+
+
+def run_sb3(args: argparse.Namespace, seed: int) -> dict:
+    from agent.baseline import evaluate_ppo, train_ppo
+
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    model, episodes, seconds = train_ppo(args.env, args.steps, seed, device=device)
+    scores = evaluate_ppo(model, args.env, args.episodes, 10_000 + seed)
+    steps, means = rolling_curve([s for s, _ in episodes], [r for _, r in episodes])
+    return {
+        "env_steps": int(model.num_timesteps),
+        "train_seconds": seconds,
+        "eval_returns": scores,
+        "eval_mean": float(np.mean(scores)),
+        "curve_steps": steps,
+        "curve_last100": means,
+    }
+
+
+def plot_curves(results: list[dict], path: Path, title: str, threshold: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for agent, color in (("wm_agent", "tab:blue"), ("sb3_ppo", "tab:orange")):
+        for i, r in enumerate(results):
+            label = ("wm-agent" if agent == "wm_agent" else "SB3 PPO") if i == 0 else None
+            ax.plot(r[agent]["curve_steps"], r[agent]["curve_last100"], color=color, alpha=0.8, label=label)
+    if threshold is not None:
+        ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("mean return, last 100 training episodes")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learn_main(args: argparse.Namespace) -> int:
+    console = Console(soft_wrap=True)
+    if args.steps <= 0 or args.seeds <= 0 or args.episodes <= 0:
+        console.print("[bold red]error:[/] --steps, --seeds and --episodes must be positive")
+        return 2
+    out = Path(args.out) if args.out else Path("runs") / f"bench_learn_{args.env.replace('/', '_')}_{args.steps}"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    results = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        console.print(f"seed {seed}: wm-agent ({args.preset} preset), {args.steps} env steps on {args.env}")
+        wm = run_wm_agent(args, seed, out, console)
+        console.print(f"seed {seed}: stable-baselines3 PPO, {args.steps} env steps")
+        sb3 = run_sb3(args, seed)
+        row = {"seed": seed, "wm_agent": wm, "sb3_ppo": sb3}
+        if args.threshold is not None:
+            for agent in (wm, sb3):
+                agent["steps_to_threshold"] = steps_to_threshold(
+                    agent["curve_steps"], agent["curve_last100"], args.threshold
+                )
+        results.append(row)
+        (out / "learn.json").write_text(json.dumps(_summary(args, results), indent=2))
+    summary = _summary(args, results)
+    (out / "learn.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(results, out / "learn.png", f"{args.env}, {args.steps} env steps, {args.seeds} seed(s)", args.threshold)
+
+    table = Table(title=f"bench learn: {args.env}, {args.steps} env steps, {args.episodes} eval episodes per seed")
+    cols = ["seed", "wm-agent score", "SB3 PPO score", "ratio", "wm-agent min", "SB3 min"]
+    if args.threshold is not None:
+        cols += [f"wm-agent steps to {args.threshold}", f"SB3 steps to {args.threshold}"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in results:
+        w, b = r["wm_agent"], r["sb3_ppo"]
+        cells = [
+            str(r["seed"]),
+            f"{w['eval_mean']:.2f}",
+            f"{b['eval_mean']:.2f}",
+            _ratio(w["eval_mean"], b["eval_mean"]),
+            f"{w['train_seconds'] / 60:.1f}",
+            f"{b['train_seconds'] / 60:.1f}",
+        ]
+        if args.threshold is not None:
+            cells += [str(w["steps_to_threshold"] or "not reached"), str(b["steps_to_threshold"] or "not reached")]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"written to {out / 'learn.json'} and {out / 'learn.png'}")
+    return 0
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b != 0 else "-"
+
+
+def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
+    from agent.bench import machine_info
+
+    w = [r["wm_agent"]["eval_mean"] for r in results]
+    b = [r["sb3_ppo"]["eval_mean"] for r in results]
+    return {
+        "env_id": args.env,
+        "steps": args.steps,
+        "preset": args.preset,
+        "episodes": args.episodes,
+        "threshold": args.threshold,
+        "machine": machine_info(torch.device(args.device if args.device != "auto" else "cpu")),
+        "date": time.strftime("%Y-%m-%d"),
+        "wm_agent_mean": float(np.mean(w)),
+        "sb3_ppo_mean": float(np.mean(b)),
+        "ratio": float(np.mean(w) / np.mean(b)) if np.mean(b) != 0 else None,
+        "seeds": results,
+    }
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("learn", help="wm-agent vs stable-baselines3 PPO: same env, budget and evaluation")
+    p.add_argument("--env", default="wm/Catch-v0")
+    p.add_argument("--steps", type=int, default=30_000, help="env steps per agent and seed")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--preset", default="cpu", choices=PRESETS, help="wm-agent preset")
+    p.add_argument("--episodes", type=int, default=20, help="full evaluation episodes per agent and seed")
+    p.add_argument("--threshold", type=float, default=None, help="report env steps to this last-100 mean")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output directory (default runs/bench_learn_<env>_<steps>)")
