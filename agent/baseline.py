@@ -107,15 +107,24 @@ def train_ppo(
 
 
 def evaluate_ppo(model: PPO, env_id: str, episodes: int, seed: int, sticky_actions: float = 0.0) -> list[float]:
-    """Full episodes (life loss is not an end) with the trained SB3 policy, sampling actions."""
-    inner = MakeEnvVecEnv(env_id, min(8, episodes), seed, sticky_actions)
+    """Full episodes (life loss is not an end) with the trained SB3 policy, sampling actions. Each env
+    copy plays its share of the episodes, as in ``agent.evaluate``, so short episodes are not favoured."""
+    num_envs = min(8, episodes)
+    inner = MakeEnvVecEnv(env_id, num_envs, seed, sticky_actions)
     venv = VecFrameStack(inner, 4, channels_order="first")
+    share = [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+    done_per_copy = [0] * num_envs
+    returns: list[float] = []
     obs = venv.reset()
-    while len(inner.episode_returns) < episodes:
+    while sum(done_per_copy) < episodes:
         action, _ = model.predict(obs, deterministic=False)
-        obs, _, _, _ = venv.step(action)
+        obs, _, _, infos = venv.step(action)
+        for i, info in enumerate(infos):
+            if "episode" in info and done_per_copy[i] < share[i]:
+                returns.append(float(info["episode"]["r"]))
+                done_per_copy[i] += 1
     venv.close()
-    return inner.episode_returns[:episodes]
+    return returns
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def run_wm_agent(args: argparse.Namespace, seed: int, out: Path, console: Consol
     cfg = preset(args.preset)
     cfg.env, cfg.steps, cfg.seed, cfg.threads, cfg.device = args.env, args.steps, seed, args.threads, args.device
     run_dir = out / f"wm-agent_seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     trainer = DynaTrainer(cfg, run_dir)
     logger = RunLogger(run_dir, cfg.steps, console=console)
@@ -119,7 +119,16 @@ def learn_main(args: argparse.Namespace) -> int:
     if args.steps <= 0 or args.seeds <= 0 or args.episodes <= 0:
         console.print("[bold red]error:[/] --steps, --seeds and --episodes must be positive")
         return 2
-    out = Path(args.out) if args.out else Path("runs") / f"bench_learn_{args.env.replace('/', '_')}_{args.steps}"
+    # SB3's PPO collects whole rollouts of 8 envs x 128 steps: give both agents the same whole number.
+    rollout = 8 * 128
+    if args.steps % rollout:
+        args.steps = (args.steps // rollout + 1) * rollout
+        console.print(f"budget rounded up to {args.steps} env steps (whole SB3 PPO rollouts of {rollout})")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"bench_learn_{args.env.replace('/', '_')}_{stamp}"
+    if (out / "learn.json").exists():
+        console.print(f"[bold red]error:[/] {out} already holds results; choose another --out")
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -142,7 +151,7 @@ def learn_main(args: argparse.Namespace) -> int:
     plot_curves(results, out / "learn.png", f"{args.env}, {args.steps} env steps, {args.seeds} seed(s)", args.threshold)
 
     table = Table(title=f"bench learn: {args.env}, {args.steps} env steps, {args.episodes} eval episodes per seed")
-    cols = ["seed", "wm-agent score", "SB3 PPO score", "ratio", "wm-agent min", "SB3 min"]
+    cols = ["seed", "wm-agent score", "SB3 PPO score", "ratio", "wm-agent train min", "SB3 train min"]
     if args.threshold is not None:
         cols += [f"wm-agent steps to {args.threshold}", f"SB3 steps to {args.threshold}"]
     for col in cols:
@@ -180,7 +189,7 @@ def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
         "preset": args.preset,
         "episodes": args.episodes,
         "threshold": args.threshold,
-        "machine": machine_info(torch.device(args.device if args.device != "auto" else "cpu")),
+        "machine": machine_info(torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")),
         "date": time.strftime("%Y-%m-%d"),
         "wm_agent_mean": float(np.mean(w)),
         "sb3_ppo_mean": float(np.mean(b)),

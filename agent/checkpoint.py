@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -44,8 +45,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))}
+    for p in root.glob("step_*.old"):  # a kill between replacing a same-step checkpoint's two renames
+        m = _STEP_DIR.match(p.name[: -len(".old")])
+        if m and int(m.group(1)) not in found and p.is_dir():
+            found[int(m.group(1))] = p
+    return [p for _, p in sorted(found.items())]
 
 
 def _sha256(path: Path) -> str:
@@ -79,8 +84,30 @@ def verify(directory: Path, only: str | None = None) -> None:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{path}: truncated or altered ({size} bytes, the manifest says {entry['bytes']})")
-        if _sha256(path) != entry["sha256"]:
+        try:
+            digest = _sha256(path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from e
+        if digest != entry["sha256"]:
             raise CheckpointError(f"{path}: corrupted (its SHA-256 differs from the manifest's)")
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Serialise in memory, then write and fsync: a full disk surfaces as ``OSError(ENOSPC)``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_checkpoint(
@@ -89,24 +116,31 @@ def write_checkpoint(
     state: dict,
     replay: ReplayBuffer | None,
     keep: int = 2,
-    save: Callable[[dict, Path], None] = torch.save,
+    save: Callable[[dict, Path], None] = save_state,
 ) -> Path:
     """Write ``state`` (and ``replay``) as checkpoint ``step_<step>``; keep the newest ``keep``."""
+    if keep < 1:
+        raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:010d}"
     tmp = root / f"{final.name}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob("step_*.tmp"):  # left by a kill mid-write
+            shutil.rmtree(stale)
         tmp.mkdir()
         save(state, tmp / STATE)
         if replay is not None:
             replay.save(tmp / REPLAY)
         write_manifest(tmp)
-        if final.exists():  # the same step written twice (e.g. a resume right after a checkpoint)
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        old = root / f"{final.name}.old"
+        if final.exists():  # the same step written again: keep it until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoint_dirs(run_dir)
@@ -114,17 +148,18 @@ def write_checkpoint(
         if e.errno == errno.ENOSPC:
             raise CheckpointError(f"disk full while writing checkpoint {final}; {kept}") from e
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; {kept}") from e
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def read_state(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load ``state.pt`` with ``weights_only=True``: a file that holds code or arbitrary objects is refused."""
+def read_state(path: Path) -> dict:
+    """Load ``state.pt`` onto the CPU (``load_state_dict`` moves tensors to the model's device) with
+    ``weights_only=True``: a file that holds code or arbitrary objects is refused."""
     if (path.parent / MANIFEST).exists():
         verify(path.parent, only=path.name)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused, it holds objects other than tensors and plain data "
@@ -166,7 +201,6 @@ def quarantine(directory: Path) -> Path:
 
 def load_latest(
     run_dir: Path,
-    device: torch.device | str,
     with_replay: bool,
     warn: Callable[[str], None],
     quarantine_broken: bool = True,
@@ -180,11 +214,16 @@ def load_latest(
     for d in reversed(dirs):
         try:
             verify(d)
-            state = read_state(d / STATE, device)
-            replay = ReplayBuffer.load(d / REPLAY) if with_replay else None
-            return state, replay, d
-        except (CheckpointError, ReplayError) as e:
+        except CheckpointError as e:  # the files are not what was written: set them aside
             problems.append(str(e))
             kept = f"kept as {quarantine(d).name}" if quarantine_broken else "left as it is"
             warn(f"checkpoint {d.name} is unusable: {e}; {kept}; falling back to the one before it")
+            continue
+        try:
+            state = read_state(d / STATE)
+            replay = ReplayBuffer.load(d / REPLAY) if with_replay else None
+            return state, replay, d
+        except (CheckpointError, ReplayError) as e:  # intact files that this machine cannot load
+            problems.append(str(e))
+            warn(f"checkpoint {d.name} could not be loaded: {e}; falling back to the one before it")
     raise CheckpointError(f"{run_dir}: no usable checkpoint left ({'; '.join(problems)})")

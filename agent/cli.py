@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import signal
 import sys
 import time
@@ -76,6 +77,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     if not 0.0 <= cfg.sticky_actions < 1.0:
         raise UsageError(f"--sticky-actions must be in [0, 1), got {cfg.sticky_actions}")
+    for name in ("log_every", "collect_steps", "keep_checkpoints", "max_nonfinite_updates"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0 or cfg.image_every < 0 or cfg.warmup_steps < 0:
+        raise UsageError("--checkpoint-every, --image-every and --warmup-steps must not be negative")
     if cfg.world_model.context < 1 or cfg.world_model.pred_steps < 1:
         raise UsageError("--world-model.context and --world-model.pred-steps must be at least 1")
     if cfg.replay_capacity // cfg.num_envs < cfg.world_model.seq_len:
@@ -89,6 +95,29 @@ def _validate(cfg: TrainConfig) -> None:
             f"(--world-model.context + --world-model.pred-steps), but warm-up gives each of the {cfg.num_envs} "
             f"envs only {max(cfg.warmup_steps, cfg.collect_steps) // cfg.num_envs}; raise --warmup-steps"
         )
+
+
+class RunDirBusy(RuntimeError):
+    """Another wm-agent process holds the run directory."""
+
+
+def _lock(run_dir: Path):  # noqa: ANN202 - an open file whose close() releases the lock
+    """An exclusive lock on ``RUN_DIR/.lock`` so two processes never write one run's checkpoints."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "w")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RunDirBusy(f"{run_dir} is in use by another wm-agent process (it holds {run_dir / '.lock'})") from None
+    return f
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _parse_config(args: list[str], default: TrainConfig, description: str) -> TrainConfig:
@@ -126,13 +155,18 @@ def train_main(argv: list[str]) -> int:
         run_dir = Path(known.resume)
         if not (run_dir / "config.json").is_file():
             return _fail(f"{run_dir} is not a wm-agent run directory (no config.json)")
-        cfg = load_run_config(run_dir)
+        try:
+            cfg = load_run_config(run_dir)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return _fail(f"cannot read {run_dir / 'config.json'}: {str(e).splitlines()[0]}")
         more = argparse.ArgumentParser(add_help=False)
         more.add_argument("--steps", type=int, default=None)
         extra, rest = more.parse_known_args(rest)
         if rest:
             return _fail("--resume takes no options but --steps (a new total): the run continues with its saved config")
         if extra.steps is not None:
+            if extra.steps <= 0:
+                return _fail(f"--steps must be positive, got {extra.steps}")
             cfg.steps = extra.steps
     else:
         name = known.preset or ("atari100k" if torch.cuda.is_available() else "cpu")
@@ -153,43 +187,69 @@ def train_main(argv: list[str]) -> int:
             )
     try:
         _validate(cfg)
-        trainer = DynaTrainer(cfg, run_dir, resume=bool(known.resume), warn=_warn)
-    except (EnvSpecError, DeviceError, ReplayError, UsageError, CheckpointError, ValueError) as e:
+    except UsageError as e:
         return _fail(str(e))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    console = Console(soft_wrap=True)
-    resumed = f", resumed at step {trainer.counters.env_steps} from {trainer.last_checkpoint}" if known.resume else ""
-    console.print(
-        f"wm-agent train: {cfg.env} ({trainer.env.num_actions} actions, sticky actions "
-        f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}{resumed}",
-        highlight=False,
-    )
+    holder: dict[str, DynaTrainer | None] = {"trainer": None}
+    early_stop = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        if trainer.stop_requested:  # a second signal: stop at once, without a checkpoint
+        trainer = holder["trainer"]
+        if trainer is None:  # still building or loading: stop before training starts
+            early_stop.append(signum)
+        elif trainer.stop_requested:  # a second signal: stop at once, without a checkpoint
             raise KeyboardInterrupt
-        trainer.request_stop()
+        else:
+            trainer.request_stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    logger = RunLogger(run_dir, cfg.steps, start_step=trainer.counters.env_steps, console=console)
+    lock = None
     try:
-        summary = trainer.train(logger)
-    except KeyboardInterrupt:
-        logger.close()
-        last = trainer.last_checkpoint or "none written"
-        return _fail(f"aborted without a new checkpoint (last checkpoint: {last})", code=130)
-    except ReplayError as e:  # e.g. episodes shorter than the world model's sequences
-        logger.close()
+        if known.resume:
+            lock = _lock(run_dir)
+        try:
+            trainer = DynaTrainer(cfg, run_dir, resume=bool(known.resume), warn=_warn)
+        except (EnvSpecError, DeviceError, ReplayError, UsageError, CheckpointError, ValueError) as e:
+            return _fail(str(e))
+        except (RuntimeError, KeyError, TypeError, OSError) as e:
+            what = f"resume {run_dir}" if known.resume else "start the run"
+            return _fail(f"cannot {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if early_stop:
+            Console(soft_wrap=True).print("interrupted before training started; nothing was written")
+            return 0
+        holder["trainer"] = trainer
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock or _lock(run_dir)
+        _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+        console = Console(soft_wrap=True)
+        resumed = (
+            f", resumed at step {trainer.counters.env_steps} from {trainer.last_checkpoint}" if known.resume else ""
+        )
+        console.print(
+            f"wm-agent train: {cfg.env} ({trainer.env.num_actions} actions, sticky actions "
+            f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}{resumed}",
+            highlight=False,
+        )
+        logger = RunLogger(run_dir, cfg.steps, start_step=trainer.counters.env_steps, console=console)
+        try:
+            summary = trainer.train(logger)
+        except KeyboardInterrupt:
+            last = trainer.last_checkpoint or "none written"
+            return _fail(f"aborted without a new checkpoint (last checkpoint: {last})", code=130)
+        except ReplayError as e:  # e.g. episodes shorter than the world model's sequences
+            return _fail(str(e))
+        except (NonFiniteError, CheckpointError) as e:
+            resume = f". Resume with: wm-agent train --resume {run_dir}" if trainer.last_checkpoint else ""
+            return _fail(f"{e}{resume}", 1)
+        finally:
+            logger.close()
+    except RunDirBusy as e:
         return _fail(str(e))
-    except (NonFiniteError, CheckpointError) as e:
-        logger.close()
-        return _fail(f"{e}. Resume with: wm-agent train --resume {run_dir}" if trainer.last_checkpoint else str(e), 1)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    logger.close()
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if lock is not None:
+            lock.close()
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     if summary["stopped_early"]:
         console.print(
             f"stopped at env step {summary['env_steps']} of {cfg.steps}; checkpoint written to "
@@ -252,17 +312,20 @@ def eval_main(argv: list[str]) -> int:
         f"{args.episodes} episodes, sticky actions {cfg.sticky_actions}",
         highlight=False,
     )
-    returns = evaluate(
-        loaded.wm,
-        loaded.policy,
-        cfg.env,
-        args.episodes,
-        args.seed,
-        device,
-        num_envs=args.num_envs,
-        sticky_actions=cfg.sticky_actions,
-        greedy=args.greedy,
-    )
+    try:
+        returns = evaluate(
+            loaded.wm,
+            loaded.policy,
+            cfg.env,
+            args.episodes,
+            args.seed,
+            device,
+            num_envs=args.num_envs,
+            sticky_actions=cfg.sticky_actions,
+            greedy=args.greedy,
+        )
+    except EnvSpecError as e:
+        return _fail(f"cannot make {cfg.env} for evaluation: {e}")
     r = np.asarray(returns)
     hns = human_normalised(cfg.env, float(r.mean()))
     result = {
@@ -293,7 +356,11 @@ def eval_main(argv: list[str]) -> int:
     )
     console.print(table)
     out = Path(args.out) if args.out else _output_dir(args.run, loaded) / "eval.json"
-    out.write_text(json.dumps(result, indent=2))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, json.dumps(result, indent=2))
+    except OSError as e:
+        return _fail(f"cannot write {out}: {e.strerror or e}", 1)
     console.print(f"results written to {out}", highlight=False)
     return 0
 
@@ -330,10 +397,15 @@ def watch_main(argv: list[str]) -> int:
         f"{args.steps} open-loop steps from {loaded.cfg.world_model.context} real frames of context",
         highlight=False,
     )
-    ol = open_loop(loaded, args.steps, args.seed, device)
-    write_video(render_frames(ol, args.scale), out, args.fps)
     png = out.with_suffix(".png")
-    plot_error(ol, png, f"{loaded.cfg.env}, {loaded.env_steps} env steps: open-loop error")
+    try:
+        ol = open_loop(loaded, args.steps, args.seed, device)
+        write_video(render_frames(ol, args.scale), out, args.fps)
+        plot_error(ol, png, f"{loaded.cfg.env}, {loaded.env_steps} env steps: open-loop error")
+    except EnvSpecError as e:
+        return _fail(f"cannot make {loaded.cfg.env}: {e}")
+    except (OSError, RuntimeError) as e:
+        return _fail(f"watch failed: {str(e).splitlines()[0]}", 1)
     mse, base = ol.mse(), ol.copy_last_mse()
     table = Table(title="open-loop error (MSE per pixel, [0, 1] scale), by steps after the real context")
     for col in ("steps after context", "imagined", "last context frame held", "frames"):

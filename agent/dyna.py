@@ -129,23 +129,23 @@ class DynaTrainer:
         return self.last_checkpoint
 
     def load_checkpoint(self, warn: Callable[[str], None] = print) -> None:
-        state, replay, path = load_latest(self.run_dir, self.device, with_replay=True, warn=warn)
+        state, replay, path = load_latest(self.run_dir, with_replay=True, warn=warn)
         self.wm.load_state_dict(state["world_model"])
         self.wm_trainer.optimizer.load_state_dict(state["wm_optimizer"])
         self.policy.load_state_dict(state["policy"])
         self.ppo.optimizer.load_state_dict(state["policy_optimizer"])
-        self.ppo.return_scale = state["return_scale"]
+        self.ppo.return_scale = state["return_scale"].to(self.device)
         self.counters = Counters(**state["counters"])
         self.wm_trainer.updates = state["wm_updates"]
         self.ppo.updates = state["policy_updates"]
         torch.set_rng_state(state["rng_torch"])
         if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.rng.bit_generator.state = json.loads(state["rng_numpy"])
         version, internal, gauss = json.loads(state["rng_python"])
         random.setstate((version, tuple(internal), gauss))
         self.episode_returns = state["episode_returns"].tolist()
-        self.episode_end_steps = state["episode_end_steps"].tolist()
+        self.episode_end_steps = state["episode_end_steps"].tolist() if "episode_end_steps" in state else []
         assert replay is not None
         if replay.num_envs != self.cfg.num_envs:
             raise CheckpointError(
@@ -284,10 +284,12 @@ class DynaTrainer:
                     logger.add({"charts/return_last100": float(np.mean(self.episode_returns[-100:]))})
                 logger.flush(c.env_steps)
                 next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
-            if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stop_requested:
+            healthy = self.wm_trainer.consecutive_skipped == 0 and self.ppo.consecutive_skipped == 0
+            if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stop_requested and healthy:
                 self.save_checkpoint()
                 next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-        if final_checkpoint:
+        already = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{c.env_steps:010d}"
+        if final_checkpoint and not already:
             self.save_checkpoint()
         self.env.close()
         return {
@@ -319,11 +321,11 @@ def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = p
     """Load from a run directory (its newest usable checkpoint), a checkpoint directory or a ``state.pt``.
     Never unpickles code; raises :class:`CheckpointError` with a one-line reason."""
     if path.is_dir() and checkpoint_dirs(path):
-        state, _, ckpt_dir = load_latest(path, device, with_replay=False, warn=warn, quarantine_broken=False)
+        state, _, ckpt_dir = load_latest(path, with_replay=False, warn=warn, quarantine_broken=False)
         ckpt = ckpt_dir / "state.pt"
     else:
         ckpt = resolve(path)
-        state = read_state(ckpt, device)
+        state = read_state(ckpt)
     cfg = from_dict(json.loads(state["config"]))
     wm = WorldModel(cfg.world_model, state["num_actions"]).to(device)
     wm.load_state_dict(state["world_model"])

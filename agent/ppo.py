@@ -144,7 +144,10 @@ class PPO:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    skipped += 1
+                    continue
                 self.optimizer.step()
                 with torch.no_grad():
                     stats["pg"].append(pg.detach())

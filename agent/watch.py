@@ -30,6 +30,8 @@ class OpenLoop:
     predicted_reward: np.ndarray
     predicted_continue: np.ndarray
     step_in_segment: np.ndarray
+    env_actions: np.ndarray
+    """Every action sent to the real env from its reset on, context steps included: ``[env steps]``."""
     segment_starts: list[int] = field(default_factory=list)
 
     def mse(self) -> np.ndarray:
@@ -58,11 +60,16 @@ def open_loop(
     window: torch.Tensor | None = None
     rows: dict[str, list] = {k: [] for k in ("real", "imag", "last", "r", "r_hat", "c_hat", "t")}
     starts: list[int] = []
+    sent: list[int] = []
     t_seg = 0
+    if K == 1:  # the first frame is a whole context
+        window = wm.encode(torch.from_numpy(obs[:1])[None].to(device))
+        starts.append(0)
     for _ in range(max_env_steps):
         if len(rows["real"]) >= steps:
             break
         action = actor.act()
+        sent.append(int(action[0]))
         nxt, rew, _, _, info = env.step(action)
         actor.observe(nxt, info["is_first"])
         if info["is_first"][0]:
@@ -81,10 +88,10 @@ def open_loop(
             rows["t"].append(t_seg)
         else:
             context.append(nxt[0])
-            if len(context) == K:
-                window = wm.encode(torch.from_numpy(np.stack(context))[None].to(device))
-                starts.append(len(rows["real"]))
-                t_seg = 0
+        if window is None and len(context) == K:
+            window = wm.encode(torch.from_numpy(np.stack(context))[None].to(device))
+            starts.append(len(rows["real"]))
+            t_seg = 0
     env.close()
     if len(rows["real"]) < steps:
         raise RuntimeError(
@@ -99,6 +106,7 @@ def open_loop(
         predicted_reward=np.array(rows["r_hat"], dtype=np.float32),
         predicted_continue=np.array(rows["c_hat"], dtype=np.float32),
         step_in_segment=np.array(rows["t"]),
+        env_actions=np.array(sent),
         segment_starts=starts,
     )
 

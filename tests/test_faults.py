@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -21,6 +22,7 @@ from agent.checkpoint import (
     checkpoint_dirs,
     load_latest,
     read_state,
+    save_state,
     write_checkpoint,
     write_manifest,
 )
@@ -33,14 +35,20 @@ from tests.test_runs import TRAIN, metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_train(run_dir: Path, *args: str) -> subprocess.Popen:
+def start_train(run_dir: Path, *args: str, capture: bool = True) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "agent.cli", *TRAIN, "--run-dir", str(run_dir), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipe = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=pipe, stderr=pipe, text=True)
 
 
 def wait_for(cond, timeout: float = 300.0) -> None:
     t0 = time.time()
-    while not cond():
+    while True:
+        try:
+            if cond():
+                return
+        except (OSError, ValueError):  # a file caught mid-write
+            pass
         if time.time() - t0 > timeout:
             raise TimeoutError("condition not reached")
         time.sleep(0.2)
@@ -52,12 +60,14 @@ def steps_of(run_dir: Path) -> list[int]:
 
 def test_kill_9_then_resume_loses_only_steps_since_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = start_train(run_dir, "--steps", "100000", "--checkpoint-every", "100")
+    proc = start_train(run_dir, "--steps", "100000", "--checkpoint-every", "100", capture=False)
     wait_for(lambda: any(s >= 200 for s in steps_of(run_dir)))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     last = max(steps_of(run_dir))
+    logged = max(r["step"] for r in metrics(run_dir))
+    assert logged - last <= 100  # at most the steps since the last checkpoint are lost
     res = run("train", "--resume", str(run_dir), "--steps", str(last + 100))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resumed at step {last}" in res.stdout
@@ -111,7 +121,7 @@ def test_broken_checkpoints_fall_back_and_are_kept(tmp_path: Path) -> None:
     raw[-10] ^= 0xFF
     frames.write_bytes(bytes(raw))
     warnings: list[str] = []
-    _, _, used = load_latest(run_dir, "cpu", with_replay=True, warn=warnings.append, quarantine_broken=False)
+    _, _, used = load_latest(run_dir, with_replay=True, warn=warnings.append, quarantine_broken=False)
     assert used.name == "step_0000000200"
     assert len(warnings) == 1 and "frames.npy: corrupted" in warnings[0]
     for p in checkpoint_dirs(run_dir):
@@ -131,7 +141,7 @@ def test_kill_while_writing_keeps_previous_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(tmp_path, 200, state, None, save=dies_midway)
     assert (tmp_path / "checkpoints" / "step_0000000200.tmp").exists()  # the half-written one
-    loaded, _, path = load_latest(tmp_path, "cpu", with_replay=False, warn=print)
+    loaded, _, path = load_latest(tmp_path, with_replay=False, warn=print)
     assert path.name == "step_0000000100" and torch.equal(loaded["world_model"]["w"], torch.ones(3))
 
 
@@ -141,13 +151,15 @@ def test_disk_full_is_a_clear_error_and_keeps_previous(tmp_path: Path) -> None:
 
     def full(obj: dict, path: Path) -> None:
         path.write_bytes(b"partial")
+        if Path("/dev/full").exists():  # a device on which every write fails with ENOSPC
+            save_state(obj, Path("/dev/full"))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(CheckpointError, match="disk full.*step_0000000100 is intact"):
         write_checkpoint(tmp_path, 200, state, None, save=full)
     assert steps_of(tmp_path) == [100]
     assert not (tmp_path / "checkpoints" / "step_0000000200.tmp").exists()
-    load_latest(tmp_path, "cpu", with_replay=False, warn=print)
+    load_latest(tmp_path, with_replay=False, warn=print)
 
 
 class Payload:
@@ -192,8 +204,43 @@ def test_persistent_nan_stops_run_with_last_checkpoint_intact(tmp_path: Path) ->
     logger.close()
     assert trainer.wm_trainer.skipped == 5
     assert steps_of(tmp_path) == [200]
-    load_latest(tmp_path, "cpu", with_replay=True, warn=print)
+    load_latest(tmp_path, with_replay=True, warn=print)
     assert all(torch.isfinite(p).all() for p in trainer.wm.parameters())  # skipped, never applied
+
+
+def test_inf_gradient_with_finite_loss_is_skipped() -> None:
+    from tests.helpers import random_replay
+    from worldmodel.trainer import OptimConfig, WorldModelTrainer
+    from worldmodel.world_model import WorldModel
+
+    cfg = preset("debug").world_model
+    wm = WorldModel(cfg, 3)
+    trainer = WorldModelTrainer(wm, OptimConfig(), torch.device("cpu"))
+    batch = random_replay("wm/Catch-v0", steps=60, num_envs=2).sample(4, cfg.seq_len, np.random.default_rng(0))
+    before = [p.detach().clone() for p in wm.parameters()]
+    hook = next(wm.decoder.parameters()).register_hook(lambda g: g * float("inf"))
+    trainer.update(batch)
+    hook.remove()
+    assert trainer.skipped == 1 and trainer.updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, wm.parameters(), strict=True))
+
+
+def test_resume_restores_optimizer_rng_and_episodes(tmp_path: Path) -> None:
+    cfg = preset("debug")
+    cfg.env, cfg.steps, cfg.threads = "wm/Catch-v0", 300, 1
+    a = DynaTrainer(cfg, tmp_path)
+    logger = RunLogger(tmp_path, cfg.steps, console=Console(quiet=True), tensorboard=False)
+    a.train(logger)
+    logger.close()
+    a_next_numpy, a_next_torch = a.rng.integers(1 << 30), torch.rand(3)
+    b = DynaTrainer(cfg, tmp_path, resume=True)
+    for x, y in ((a.wm_trainer.optimizer, b.wm_trainer.optimizer), (a.ppo.optimizer, b.ppo.optimizer)):
+        sx, sy = x.state_dict()["state"], y.state_dict()["state"]
+        assert sx.keys() == sy.keys() and all(torch.equal(sx[k]["exp_avg"], sy[k]["exp_avg"]) for k in sx)
+    assert a.counters == b.counters and a.episode_returns == b.episode_returns
+    assert a.episode_end_steps == b.episode_end_steps and len(a.replay) == len(b.replay)
+    assert b.rng.integers(1 << 30) == a_next_numpy  # the RNG streams go on where the checkpoint left them
+    assert torch.equal(torch.rand(3), a_next_torch)
 
 
 @pytest.mark.parametrize("cmd", ["eval", "watch"])

@@ -68,3 +68,39 @@ def test_train_resume_eval_watch(tmp_path: Path) -> None:
     first = reader.get_data(0)
     assert reader.count_frames() == 12 and first.shape[1] == 3 * 64 * 4
     reader.close()
+
+
+def test_watch_compares_each_prediction_with_the_frame_it_predicts() -> None:
+    """Replaying the recorded actions in a fresh env: each real frame of the open loop is the frame
+    that follows its step's context, and the copy-last baseline is the context's last frame."""
+    import torch
+
+    from agent.config import preset
+    from agent.dyna import LoadedAgent
+    from agent.policy import ActorCritic
+    from agent.watch import open_loop
+    from envs import make_env
+    from worldmodel.world_model import WorldModel
+
+    cfg = preset("debug")
+    cfg.env = "wm/Catch-v0"
+    torch.manual_seed(0)
+    wm = WorldModel(cfg.world_model, 3)
+    agent = LoadedAgent(cfg, wm, ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, 3), 0, Path("-"))
+    ol = open_loop(agent, steps=30, seed=4, device=torch.device("cpu"))  # 14-step episodes: 3 segments
+
+    env = make_env("wm/Catch-v0", num_envs=1, seed=4)
+    obs, info = env.reset(seed=4)
+    frames, firsts = [obs[0]], [True]
+    for a in ol.env_actions:
+        obs, _, _, _, info = env.step(np.array([a]))
+        frames.append(obs[0])
+        firsts.append(bool(info["is_first"][0]))
+    K, i, since_start = cfg.world_model.context, 0, 0
+    for t in range(1, len(frames)):
+        since_start = 0 if firsts[t] else since_start + 1
+        if since_start >= K:  # a frame after a full context: the open loop predicted it
+            assert np.array_equal(ol.real[i], frames[t]), i
+            assert np.array_equal(ol.last_context[i], frames[t - ol.step_in_segment[i]]), i
+            i += 1
+    assert i == len(ol.real) == 30 and len(ol.segment_starts) == 3

@@ -51,23 +51,24 @@ class WorldModelTrainer:
 
     def update(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One gradient step on ``batch``; returns detached metrics and the batch's detached latents
-        ``[B, K+P, E]``. A non-finite loss skips the step."""
+        ``[B, K+P, E]``. A non-finite loss or gradient norm skips the step (counted in ``skipped``)."""
         self.model.train()
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.lr * min(1.0, (self.updates + 1) / max(1, self.cfg.warmup_updates))
         with autocast_context(self.device, self.amp):
             loss, metrics, latents = self.model.loss_and_latents(batch)
-        if not math.isfinite(loss.item()):
-            self.skipped += 1
-            self.consecutive_skipped += 1
+        if math.isfinite(loss.item()):
             self.optimizer.zero_grad(set_to_none=True)
-            metrics["world_model/skipped_updates"] = torch.tensor(float(self.skipped))
-            return metrics, latents.float()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if math.isfinite(grad_norm.item()):  # a finite loss can still have inf gradients
+                self.optimizer.step()
+                self.updates += 1
+                self.consecutive_skipped = 0
+                metrics["world_model/grad_norm"] = grad_norm.detach()
+                return metrics, latents.float()
+        self.skipped += 1
+        self.consecutive_skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.updates += 1
-        self.consecutive_skipped = 0
-        metrics["world_model/grad_norm"] = grad_norm.detach()
+        metrics["world_model/skipped_updates"] = torch.tensor(float(self.skipped))
         return metrics, latents.float()
