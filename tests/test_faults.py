@@ -249,3 +249,15 @@ def test_not_a_run_dir(tmp_path: Path, cmd: str) -> None:
     assert out.returncode == 2 and "neither a wm-agent run directory" in out.stderr
     res = run("train", "--resume", str(tmp_path))
     assert res.returncode == 2 and "not a wm-agent run directory" in res.stderr
+
+
+def test_a_run_in_use_is_not_resumed_twice(tmp_path: Path) -> None:
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    out = run(*TRAIN, "--run-dir", str(run_dir), "--steps", "100")
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a still-running process would
+        res = run("train", "--resume", str(run_dir), "--steps", "200")
+    assert res.returncode == 2 and "in use by another wm-agent process" in res.stderr
