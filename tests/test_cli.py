@@ -40,6 +40,7 @@ def test_train_help_documents_fields() -> None:
         (["--preset", "huge"], "unknown preset"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--world-model.context", "60"], "raise --warmup-steps"),
+        (["--env", "wm/Catch-v0", "--world-model.context", "20", "--warmup-steps", "400"], "shorter than the sequence"),
         (["--no-such-field", "1"], "no-such-field"),
         (["--steps", "many"], "many"),
         (["--device", "cuda"], None),
