@@ -149,7 +149,7 @@ def main() -> None:
         "eval_mean": float(np.mean(scores)),
         "sticky_actions": args.sticky_actions,
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "train_returns"}))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("train_") or k == "train_seconds"}))
     if args.out:
         Path(args.out).write_text(json.dumps(result))
 
