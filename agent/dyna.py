@@ -130,7 +130,7 @@ class DynaTrainer:
 
     def load_checkpoint(self, warn: Callable[[str], None] = print) -> None:
         state, replay, path = load_latest(self.run_dir, with_replay=True, warn=warn)
-        self.wm.load_state_dict(state["world_model"])
+        self.wm.load_state_dict_compat(state["world_model"])
         self.wm_trainer.optimizer.load_state_dict(state["wm_optimizer"])
         self.policy.load_state_dict(state["policy"])
         self.ppo.optimizer.load_state_dict(state["policy_optimizer"])
@@ -256,6 +256,8 @@ class DynaTrainer:
 
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
+                if c.policy_budget >= 1:
+                    self.wm.set_base_rates(*self.replay.base_rates())
                 while c.policy_budget >= 1 and not self.stop_requested:
                     t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
@@ -328,7 +330,7 @@ def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = p
         state = read_state(ckpt)
     cfg = from_dict(json.loads(state["config"]))
     wm = WorldModel(cfg.world_model, state["num_actions"]).to(device)
-    wm.load_state_dict(state["world_model"])
+    wm.load_state_dict_compat(state["world_model"])
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, state["num_actions"]).to(device)
     policy.load_state_dict(state["policy"])
     wm.eval()

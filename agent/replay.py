@@ -78,6 +78,15 @@ class ReplayBuffer:
         self.pos = (p + 1) % self.slots
         self.filled = min(self.filled + 1, self.slots)
 
+    def base_rates(self) -> tuple[float, float]:
+        """Fractions of stored transitions with a non-zero reward, and with a terminal or life loss."""
+        n = self.filled
+        if n == 0:
+            return 0.5, 0.5
+        rewarded = float((self.rewards[:n] != 0).mean())
+        terminal = float((self.terminated[:n] | self.life_loss[:n]).mean())
+        return rewarded, terminal
+
     def _oldest(self) -> int:
         return self.pos if self.filled == self.slots else 0
 

@@ -111,3 +111,19 @@ def test_imagined_env_steps_in_latent_space(catch_replay) -> None:
         assert trunc.all() == (t == 2)
     with pytest.raises(ValueError, match="horizon"):
         ImaginedEnv(wm, horizon=0)
+
+
+def test_base_rates_calibrate_balanced_heads() -> None:
+    """Heads trained with balanced weights answer as if both classes were equally common; with the real
+    data's base rates set, a 50/50 answer becomes the base rate."""
+    wm = WorldModel(small_cfg(), num_actions=3)
+    bins = wm.reward_bins
+    one = int((bins - torch.log1p(torch.tensor(1.0))).abs().argmin())
+    logits = torch.full((1, len(bins)), -30.0)
+    logits[0, wm.zero_bin] = logits[0, one] = 0.0  # half reward 0, half reward ~1
+    wm.heads = lambda a, b: (logits, torch.zeros(1))  # type: ignore[method-assign]
+    wm.set_base_rates(rewarded=0.1, terminal=0.02)
+    rew_logits, cont_logit = wm.calibrated_heads(torch.zeros(1, 4), torch.zeros(1, 4))
+    p = rew_logits.softmax(-1)[0]
+    assert abs(float(p[one]) - 0.1) < 1e-4 and abs(float(p[wm.zero_bin]) - 0.9) < 1e-4
+    assert abs(float(torch.sigmoid(cont_logit)) - 0.98) < 1e-4  # continuing is 98% of real transitions

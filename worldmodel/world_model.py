@@ -119,6 +119,12 @@ class WorldModel(nn.Module):
         self.reward_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins}))
         self.cont_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": 1}))
         self.register_buffer("reward_bins", make_bins(cfg.loss.reward_bins, cfg.loss.reward_limit), persistent=False)
+        self.zero_bin = int(self.reward_bins.abs().argmin())
+        # The heads learn with class-balanced weights, i.e. as if rewarded and unrewarded (terminal and
+        # continuing) transitions were equally common. Imagination shifts their logits by the real data's
+        # prior log-odds (Bayes' rule), so expected rewards and continue probabilities are calibrated:
+        # without it, Breakout's imagined reward was ~0.45 on every step.
+        self.register_buffer("base_rates", torch.tensor([0.5, 0.5]))  # (rewarded, terminal) fractions
 
     @staticmethod
     def to_float(frames: torch.Tensor) -> torch.Tensor:
@@ -142,11 +148,29 @@ class WorldModel(nn.Module):
         """Every window of ``size`` consecutive latents: ``[B, L, E]`` -> ``[B * (L - size + 1), size, E]``."""
         return rearrange(latents.unfold(1, size, 1), "b n e k -> (b n) k e")
 
+    def set_base_rates(self, rewarded: float, terminal: float) -> None:
+        """The fractions of real transitions with a non-zero reward and with a (life-loss) terminal."""
+        self.base_rates.copy_(torch.tensor([rewarded, terminal]).clamp(1e-4, 1 - 1e-4))
+
+    def load_state_dict_compat(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """``load_state_dict``; checkpoints written before ``base_rates`` existed load with 0.5 (no shift)."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        if unexpected or set(missing) - {"base_rates"}:
+            raise RuntimeError(f"world-model state does not match: missing {missing}, unexpected {unexpected}")
+
+    def calibrated_heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`heads` with logits shifted from the balanced training prior to ``base_rates``."""
+        rew_logits, cont_logit = self.heads(z_t, z_next)
+        rewarded, terminal = self.base_rates[0], self.base_rates[1]
+        shift = torch.zeros_like(self.reward_bins)
+        shift[self.zero_bin] = torch.log((1 - rewarded) / rewarded)
+        return rew_logits + shift, cont_logit + torch.log((1 - terminal) / terminal)
+
     @torch.no_grad()
     def imagine_step(self, window: torch.Tensor, action: torch.Tensor) -> Prediction:
         """Latent window ``[B, K, E]`` and actions ``[B]`` -> the next latent, reward and continue probability."""
         z_next = self.predictor(window, action)  # (B, 1, E)
-        rew_logits, cont_logit = self.heads(window[:, -1], z_next[:, 0])
+        rew_logits, cont_logit = self.calibrated_heads(window[:, -1], z_next[:, 0])
         return Prediction(z_next, twohot_decode(rew_logits, self.reward_bins), torch.sigmoid(cont_logit))
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
