@@ -175,7 +175,8 @@ def learn_main(args: argparse.Namespace) -> int:
 
 
 def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b != 0 else "-"
+    """wm-agent's score over SB3's; only meaningful when both are positive."""
+    return f"{a / b:.2f}" if a > 0 and b > 0 else "-"
 
 
 def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
@@ -193,7 +194,7 @@ def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "wm_agent_mean": float(np.mean(w)),
         "sb3_ppo_mean": float(np.mean(b)),
-        "ratio": float(np.mean(w) / np.mean(b)) if np.mean(b) != 0 else None,
+        "ratio": float(np.mean(w) / np.mean(b)) if np.mean(w) > 0 and np.mean(b) > 0 else None,
         "seeds": results,
     }
 
