@@ -102,7 +102,9 @@ def plot_curves(results: list[dict], path: Path, title: str, threshold: float | 
     for agent, color in (("wm_agent", "tab:blue"), ("sb3_ppo", "tab:orange")):
         for i, r in enumerate(results):
             label = ("wm-agent" if agent == "wm_agent" else "SB3 PPO") if i == 0 else None
-            ax.plot(r[agent]["curve_steps"], r[agent]["curve_last100"], color=color, alpha=0.8, label=label)
+            first = 99 if len(r[agent]["curve_steps"]) > 100 else 0  # from the first full 100-episode window
+            xs, ys = r[agent]["curve_steps"][first:], r[agent]["curve_last100"][first:]
+            ax.plot(xs, ys, color=color, alpha=0.8, label=label)
     if threshold is not None:
         ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold}")
     ax.set_xlabel("env steps")
