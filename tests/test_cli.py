@@ -114,10 +114,11 @@ def test_bench_learn_writes_both_agents(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "learn.json").read_text())
-    assert res["env_id"] == "wm/Catch-v0" and res["steps"] == 300 and len(res["seeds"]) == 1
+    # The budget is rounded up to whole SB3 rollouts (8 envs x 128 steps), the same for both agents.
+    assert res["env_id"] == "wm/Catch-v0" and res["steps"] == 1024 and len(res["seeds"]) == 1
     for agent in ("wm_agent", "sb3_ppo"):
         a = res["seeds"][0][agent]
-        assert a["env_steps"] >= 300 and a["train_seconds"] > 0 and len(a["eval_returns"]) == 3
+        assert a["env_steps"] == 1024 and a["train_seconds"] > 0 and len(a["eval_returns"]) == 3
         assert a["eval_mean"] == sum(a["eval_returns"]) / 3
         assert len(a["curve_steps"]) == len(a["curve_last100"]) > 0 and "steps_to_threshold" in a
     assert (tmp_path / "learn.png").stat().st_size > 0
