@@ -17,6 +17,7 @@ import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv, VecFrameStack
 
+from agent.evaluate import episode_shares
 from envs import make_env
 
 
@@ -112,7 +113,7 @@ def evaluate_ppo(model: PPO, env_id: str, episodes: int, seed: int, sticky_actio
     num_envs = min(8, episodes)
     inner = MakeEnvVecEnv(env_id, num_envs, seed, sticky_actions)
     venv = VecFrameStack(inner, 4, channels_order="first")
-    share = [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+    share = episode_shares(episodes, num_envs)
     done_per_copy = [0] * num_envs
     returns: list[float] = []
     obs = venv.reset()

@@ -199,8 +199,6 @@ def dyna_split(preset_name: str, env_id: str, device: torch.device, iterations: 
     without pre-training, then ``iterations`` full iterations at the preset's ratios."""
     import tempfile
 
-    from rich.console import Console as _Console
-
     from agent.dyna import DynaTrainer
     from agent.logger import RunLogger
 
@@ -212,7 +210,7 @@ def dyna_split(preset_name: str, env_id: str, device: torch.device, iterations: 
     cfg.checkpoint_every = cfg.image_every = 0
     with tempfile.TemporaryDirectory() as tmp:
         trainer = DynaTrainer(cfg, Path(tmp))
-        logger = RunLogger(Path(tmp), cfg.steps, console=_Console(quiet=True), tensorboard=False)
+        logger = RunLogger(Path(tmp), cfg.steps, console=Console(quiet=True), tensorboard=False)
         summary = trainer.train(logger, final_checkpoint=False)
         logger.close()
     split = {k[5:-2]: v for k, v in summary.items() if k.startswith("time_")}
@@ -333,8 +331,7 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     with torch.no_grad():
         _, m = wm.compute_loss(test)
         K = cfg.world_model.context
-        z = wm.encode(test.frames[:, :K])
-        pred = wm.decode(wm.predictor(z, test.actions[:, K - 1])[:, 0]).clamp(0, 1)
+        pred = wm.predict_next_frame(test.frames[:, :K], test.actions[:, K - 1])
     real = test.frames[:, K].float() / 255
     last = test.frames[:, K - 1].float() / 255
     result = {k.split("/")[1]: float(v) for k, v in m.items()}

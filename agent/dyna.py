@@ -175,8 +175,7 @@ class DynaTrainer:
         K = self.cfg.world_model.context
         batch = self.replay.sample(count, K + 1, np.random.default_rng(self.counters.env_steps), self.device)
         self.wm.eval()
-        z = self.wm.encode(batch.frames[:, :K])
-        pred = self.wm.decode(self.wm.predictor(z, batch.actions[:, K - 1])[:, 0]).clamp(0, 1)  # (count, H, W)
+        pred = self.wm.predict_next_frame(batch.frames[:, :K], batch.actions[:, K - 1])  # (count, H, W)
         real = WorldModel.to_float(batch.frames[:, K])
         return torch.cat([torch.cat(list(real), dim=1), torch.cat(list(pred), dim=1)], dim=0)[None].cpu()
 

@@ -28,6 +28,12 @@ def human_normalised(env_id: str, score: float) -> float | None:
     return (score - rand) / (human - rand)
 
 
+def episode_shares(episodes: int, num_envs: int) -> list[int]:
+    """How many of ``episodes`` each of ``num_envs`` copies plays: each copy a fixed share, so copies
+    that happen to get short episodes cannot fill the total first."""
+    return [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+
+
 @torch.no_grad()
 def evaluate(
     wm: WorldModel,
@@ -50,7 +56,7 @@ def evaluate(
     actor.observe(obs, info["is_first"])
     returns: list[float] = []
     started = np.ones(num_envs, dtype=int)  # episodes begun per copy; a copy stops once its share is started
-    share = [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+    share = episode_shares(episodes, num_envs)
     active = np.ones(num_envs, dtype=bool)
     for _ in range(max_steps):
         obs, _, _, _, info = env.step(actor.act(greedy=greedy))

@@ -1,9 +1,12 @@
-"""Shared test helpers: fill a replay buffer from a real env with random actions."""
+"""Shared test helpers: fill a replay buffer from a real env with random actions; run a Dyna loop quietly."""
 
 from __future__ import annotations
 
 import numpy as np
+from rich.console import Console
 
+from agent.dyna import DynaTrainer
+from agent.logger import RunLogger
 from agent.replay import ReplayBuffer
 from envs import make_env
 
@@ -21,3 +24,12 @@ def random_replay(env_id: str, steps: int, num_envs: int = 4, seed: int = 0) -> 
         obs, is_first = nxt, info["is_first"]
     env.close()
     return buf
+
+
+def train_quietly(trainer: DynaTrainer) -> dict[str, float]:
+    """``trainer.train`` with a silent logger (metrics.jsonl only) in the trainer's run directory."""
+    logger = RunLogger(trainer.run_dir, trainer.cfg.steps, console=Console(quiet=True), tensorboard=False)
+    try:
+        return trainer.train(logger)
+    finally:
+        logger.close()

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from agent.config import preset
 from agent.dyna import DynaTrainer, load_agent
-from agent.logger import RunLogger
+from tests.helpers import train_quietly
 
 
 def short_run(run_dir: Path, seed: int) -> tuple[DynaTrainer, list[dict]]:
@@ -18,9 +17,7 @@ def short_run(run_dir: Path, seed: int) -> tuple[DynaTrainer, list[dict]]:
     cfg.env, cfg.steps, cfg.seed, cfg.threads = "wm/Catch-v0", 200, seed, 1
     run_dir.mkdir(parents=True)
     trainer = DynaTrainer(cfg, run_dir)
-    logger = RunLogger(run_dir, cfg.steps, console=Console(quiet=True), tensorboard=False)
-    trainer.train(logger)
-    logger.close()
+    train_quietly(trainer)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return trainer, rows
 

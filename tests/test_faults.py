@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 from agent.checkpoint import (
     CheckpointError,
@@ -28,7 +27,7 @@ from agent.checkpoint import (
 )
 from agent.config import preset
 from agent.dyna import DynaTrainer, NonFiniteError
-from agent.logger import RunLogger
+from tests.helpers import train_quietly
 from tests.test_cli import run
 from tests.test_runs import TRAIN, metrics
 
@@ -198,10 +197,8 @@ def test_persistent_nan_stops_run_with_last_checkpoint_intact(tmp_path: Path) ->
         return (loss * float("nan") if trainer.counters.env_steps > 200 else loss), m, z
 
     trainer.wm.loss_and_latents = poisoned
-    logger = RunLogger(tmp_path, cfg.steps, console=Console(quiet=True), tensorboard=False)
     with pytest.raises(NonFiniteError, match="NaN or inf for 5 updates in a row.*step_0000000200 is intact"):
-        trainer.train(logger)
-    logger.close()
+        train_quietly(trainer)
     assert trainer.wm_trainer.skipped == 5
     assert steps_of(tmp_path) == [200]
     load_latest(tmp_path, with_replay=True, warn=print)
@@ -229,9 +226,7 @@ def test_resume_restores_optimizer_rng_and_episodes(tmp_path: Path) -> None:
     cfg = preset("debug")
     cfg.env, cfg.steps, cfg.threads = "wm/Catch-v0", 300, 1
     a = DynaTrainer(cfg, tmp_path)
-    logger = RunLogger(tmp_path, cfg.steps, console=Console(quiet=True), tensorboard=False)
-    a.train(logger)
-    logger.close()
+    train_quietly(a)
     a_next_numpy, a_next_torch = a.rng.integers(1 << 30), torch.rand(3)
     b = DynaTrainer(cfg, tmp_path, resume=True)
     for x, y in ((a.wm_trainer.optimizer, b.wm_trainer.optimizer), (a.ppo.optimizer, b.ppo.optimizer)):

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 from agent.config import preset
 from agent.dyna import DynaTrainer
 from agent.evaluate import evaluate
-from agent.logger import RunLogger
 from envs import make_env
+from tests.helpers import train_quietly
 
 
 def random_policy_mean(episodes: int = 400, seed: int = 5) -> float:
@@ -33,9 +32,7 @@ def test_catch_policy_rises_clearly_above_random(tmp_path: Path) -> None:
     cfg = preset("cpu")
     cfg.env, cfg.steps, cfg.seed = "wm/Catch-v0", 20_000, 0
     trainer = DynaTrainer(cfg, tmp_path)
-    logger = RunLogger(tmp_path, cfg.steps, console=Console(quiet=True), tensorboard=False)
-    trainer.train(logger)
-    logger.close()
+    train_quietly(trainer)
     scores = evaluate(trainer.wm, trainer.policy, cfg.env, 100, 10_000, trainer.device)
     random_mean = random_policy_mean()
     print(f"Catch after 20k steps: eval mean {np.mean(scores):.2f} over 100 episodes; random {random_mean:.2f}")

@@ -148,6 +148,13 @@ class WorldModel(nn.Module):
         """Every window of ``size`` consecutive latents: ``[B, L, E]`` -> ``[B * (L - size + 1), size, E]``."""
         return rearrange(latents.unfold(1, size, 1), "b n e k -> (b n) k e")
 
+    @torch.no_grad()
+    def predict_next_frame(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """uint8 context frames ``[B, K, H, W]`` and the action taken at the last ``[B]`` -> the predicted
+        next frame ``[B, H, W]`` in [0, 1] (encode, one predictor step, decode)."""
+        z_next = self.predictor(self.encode(context), action)[:, 0]
+        return self.decode(z_next).clamp(0, 1)
+
     def set_base_rates(self, rewarded: float, terminal: float) -> None:
         """The fractions of real transitions with a non-zero reward and with a (life-loss) terminal."""
         self.base_rates.copy_(torch.tensor([rewarded, terminal]).clamp(1e-4, 1 - 1e-4))
