@@ -56,9 +56,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 2.0) -> float:
-    """Achieved FLOP/s of a square matmul (fp32 on CPU, bf16 on CUDA)."""
+def matmul_peak(device: torch.device, n: int | None = None, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a square matmul (fp32 2048^2 on CPU, bf16 8192^2 on CUDA: the size that fills an H100)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -120,11 +121,14 @@ def replay_speed(batch_size: int = 64, seq_len: int = 7, seconds: float = 2.0) -
     return n / (time.perf_counter() - t0)
 
 
-def world_model_speed(preset_name: str, device: torch.device, updates: int = 10) -> dict[str, float]:
-    """Updates/s, samples/s and achieved FLOP/s of world-model updates at the preset's sizes."""
+def world_model_speed(
+    preset_name: str, device: torch.device, updates: int = 10, amp: bool = True, compile: bool = False
+) -> dict[str, float]:
+    """Updates/s, samples/s and achieved FLOP/s of world-model updates at the preset's sizes
+    (bf16 autocast on CUDA when ``amp``; ``compile`` times after compilation, which is reported apart)."""
     cfg = preset(preset_name)
     wm = WorldModel(cfg.world_model, num_actions=4).to(device)
-    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
+    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=amp, compile=compile)
     B, L = cfg.batch_size, cfg.world_model.seq_len
     rng = np.random.default_rng(0)
     buf = ReplayBuffer(B * L * 4, 1)
@@ -139,12 +143,15 @@ def world_model_speed(preset_name: str, device: torch.device, updates: int = 10)
             np.array([t == 0]),
         )
     batch = buf.sample(B, L, rng, device)
-    with FlopCounterMode(display=False) as counter:
-        trainer.update(batch)
+    with FlopCounterMode(display=False) as counter:  # eager forward + backward: the FLOPs one update needs
+        wm.loss_and_latents(batch)[0].backward()
     flops = counter.get_total_flops()
-    for _ in range(2):
+    wm.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    for _ in range(3 if compile else 2):
         trainer.update(batch)
     _sync(device)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(updates):
         trainer.update(batch)
@@ -162,6 +169,9 @@ def world_model_speed(preset_name: str, device: torch.device, updates: int = 10)
         "flop_per_s": flops / dt,
         "batch_size": B,
         "seq_len": L,
+        "amp_bf16": float(amp and device.type == "cuda"),
+        "compiled": float(compile),
+        "first_updates_s": warmup_s,
         **{f"params_{k}": float(v) for k, v in params.items()},
     }
 
@@ -194,7 +204,9 @@ def imagination_speed(preset_name: str, device: torch.device, rollouts: int = 5)
     }
 
 
-def dyna_split(preset_name: str, env_id: str, device: torch.device, iterations: int = 2) -> dict[str, float]:
+def dyna_split(
+    preset_name: str, env_id: str, device: torch.device, iterations: int = 2, amp: bool = True
+) -> dict[str, float]:
     """Seconds per Dyna iteration in each phase: a short run whose warm-up just fills the first batch,
     without pre-training, then ``iterations`` full iterations at the preset's ratios."""
     import tempfile
@@ -203,7 +215,7 @@ def dyna_split(preset_name: str, env_id: str, device: torch.device, iterations: 
     from agent.logger import RunLogger
 
     cfg = preset(preset_name)
-    cfg.env, cfg.device, cfg.threads = env_id, str(device), 0
+    cfg.env, cfg.device, cfg.threads, cfg.amp = env_id, str(device), 0, amp
     cfg.warmup_steps = max(cfg.collect_steps, 2 * cfg.world_model.seq_len * cfg.num_envs)
     cfg.wm_pretrain_updates = cfg.policy_start_updates = 0
     cfg.steps = cfg.warmup_steps + iterations * cfg.collect_steps
@@ -216,6 +228,28 @@ def dyna_split(preset_name: str, env_id: str, device: torch.device, iterations: 
     split = {k[5:-2]: v for k, v in summary.items() if k.startswith("time_")}
     n_iter = cfg.steps // cfg.collect_steps
     return {"per_iteration_s": {k: v / n_iter for k, v in split.items()}, "fraction": _fractions(split)}
+
+
+def project_full_run(preset_name: str, wm: dict, im: dict, dyna: dict | None) -> dict[str, float]:
+    """Hours a whole run of the preset would take at the measured rates: its world-model and policy
+    updates at the measured update rates, its env steps (and the loop's other work) at the collect
+    and other time per env step of the measured Dyna iterations (0 when those were skipped)."""
+    cfg = preset(preset_name)
+    learn_steps = max(0, cfg.steps - cfg.warmup_steps)
+    wm_updates = cfg.wm_pretrain_updates + learn_steps * cfg.wm_train_ratio
+    policy_updates = learn_steps * cfg.policy_train_ratio
+    per_env_step = 0.0
+    if dyna is not None:
+        per_iter = dyna["per_iteration_s"]
+        per_env_step = (per_iter.get("collect", 0.0) + per_iter.get("other", 0.0)) / cfg.collect_steps
+    seconds = cfg.steps * per_env_step + wm_updates / wm["updates_per_s"] + policy_updates / im["policy_updates_per_s"]
+    return {
+        "env_steps": float(cfg.steps),
+        "world_model_updates": wm_updates,
+        "policy_updates": policy_updates,
+        "env_and_other_s_per_step": per_env_step,
+        "hours": seconds / 3600,
+    }
 
 
 def _fractions(split: dict[str, float]) -> dict[str, float]:
@@ -239,7 +273,7 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
     )
     table.add_column("what")
     table.add_column("figure", justify="right")
-    table.add_row("matmul peak (2048^2, fp32 CPU / bf16 GPU)", f"{peak / 1e9:.1f} GFLOP/s")
+    table.add_row("matmul peak (2048^2 fp32 on CPU / 8192^2 bf16 on GPU)", f"{peak / 1e9:.1f} GFLOP/s")
     if not args.skip_env:
         for n in (1, 8):
             e = env_speed(args.env, n)
@@ -256,13 +290,16 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
         result["replay_batches_per_s"] = r
         table.add_row("replay sample, B=64, T+1=7", f"{r:.0f} batches/s")
     presets = [args.preset] if args.preset else ["cpu", "atari100k"]
+    mode = ("bf16 autocast" if args.amp and device.type == "cuda" else "fp32") + (", compiled" if args.compile else "")
+    result["mode"] = mode
     for name in presets:
-        w = world_model_speed(name, device)
+        w = world_model_speed(name, device, amp=args.amp, compile=args.compile)
         result[f"world_model_{name}"] = {**w, "fraction_of_peak": w["flop_per_s"] / peak}
         table.add_row(
-            f"world model ({name}) B={w['batch_size']} L={w['seq_len']}",
+            f"world model ({name}, {mode}) B={w['batch_size']} L={w['seq_len']}",
             f"{w['updates_per_s']:.2f} updates/s, {w['samples_per_s']:.0f} seq/s, "
-            f"{w['flop_per_s'] / 1e9:.1f} GFLOP/s = {w['flop_per_s'] / peak:.0%} of peak",
+            f"{w['flop_per_s'] / 1e9:.1f} GFLOP/s = {w['flop_per_s'] / peak:.0%} of peak"
+            + (f" (compiling + first 3 updates: {w['first_updates_s']:.0f} s)" if args.compile else ""),
         )
         im = imagination_speed(name, device)
         result[f"imagination_{name}"] = im
@@ -271,13 +308,25 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
             f"{im['imagined_steps_per_s']:.0f} latent steps/s, {im['policy_updates_per_s']:.2f} policy updates/s",
         )
         if name == presets[0] and not args.skip_dyna:
-            d = dyna_split(name, args.env, device)
+            d = dyna_split(name, args.env, device, amp=args.amp)
             result[f"dyna_iteration_{name}"] = d
             table.add_row(
                 f"one Dyna iteration ({name}, {args.env})",
                 ", ".join(f"{k} {v:.0%}" for k, v in d["fraction"].items())
                 + f" of {sum(d['per_iteration_s'].values()):.1f} s",
             )
+        proj = project_full_run(name, w, im, result.get(f"dyna_iteration_{name}"))
+        result[f"projected_full_run_{name}"] = proj
+        table.add_row(
+            f"projected whole {name} run ({proj['env_steps']:.0f} env steps)",
+            f"{proj['hours']:.2f} h: {proj['world_model_updates']:.0f} world-model and "
+            f"{proj['policy_updates']:.0f} policy updates at the rates above"
+            + ("" if f"dyna_iteration_{name}" in result else ", env time not measured (--skip-dyna)"),
+        )
+    if device.type == "cuda":
+        table.add_row(
+            "for scale (ANCHORS.md, Atari 100k)", "STORM 4.3 h on one RTX 3090; DIAMOND 2.9 days on one RTX 4090"
+        )
     console.print(table)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -388,6 +437,8 @@ def bench_main(argv: list[str], device_of) -> int:
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     s.add_argument("--skip-env", action="store_true", help="skip the env and replay figures")
     s.add_argument("--skip-dyna", action="store_true", help="skip the Dyna iteration time split")
+    s.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 world-model updates on CUDA too")
+    s.add_argument("--compile", action="store_true", help="torch.compile the world-model loss before timing it")
     s.add_argument("--out", default=None, help="JSON file for the figures")
     w = sub.add_parser("world-model", help="train a world model on random-policy data, compare with copy-last-frame")
     w.add_argument("--env", default="ALE/Breakout-v5")

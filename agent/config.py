@@ -36,6 +36,8 @@ class TrainConfig:
     """torch CPU threads; 0 = one per core."""
     amp: bool = True
     """bf16 autocast for the world model on CUDA (ignored on CPU)."""
+    compile: bool = False
+    """``torch.compile`` the world-model loss (worth it on CUDA; the first updates wait for compilation)."""
     warmup_steps: int = 5_000
     """Random-action env steps before any learning."""
     collect_steps: int = 256

@@ -76,7 +76,7 @@ class DynaTrainer:
         A = self.env.num_actions
         E = cfg.world_model.encoder.embed_dim
         self.wm = WorldModel(cfg.world_model, A).to(self.device)
-        self.wm_trainer = WorldModelTrainer(self.wm, cfg.optim, self.device, amp=cfg.amp)
+        self.wm_trainer = WorldModelTrainer(self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile)
         self.policy = ActorCritic(cfg.policy, E, A).to(self.device)
         if cfg.policy.history > cfg.world_model.context:
             raise ValueError(

@@ -190,13 +190,13 @@ def test_persistent_nan_stops_run_with_last_checkpoint_intact(tmp_path: Path) ->
     cfg.env, cfg.steps, cfg.threads, cfg.checkpoint_every, cfg.max_nonfinite_updates = "wm/Catch-v0", 2000, 1, 200, 5
     tmp_path.mkdir(exist_ok=True)
     trainer = DynaTrainer(cfg, tmp_path)
-    real_loss = trainer.wm.loss_and_latents
+    real_loss = trainer.wm_trainer.loss_and_latents
 
     def poisoned(batch):
         loss, m, z = real_loss(batch)
         return (loss * float("nan") if trainer.counters.env_steps > 200 else loss), m, z
 
-    trainer.wm.loss_and_latents = poisoned
+    trainer.wm_trainer.loss_and_latents = poisoned
     with pytest.raises(NonFiniteError, match="NaN or inf for 5 updates in a row.*step_0000000200 is intact"):
         train_quietly(trainer)
     assert trainer.wm_trainer.skipped == 5

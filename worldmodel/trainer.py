@@ -1,8 +1,8 @@
-"""One world-model gradient step at a time: optimizer, gradient clipping, optional bf16 autocast."""
+"""One world-model gradient step at a time: optimizer, gradient clipping, optional bf16 autocast
+and ``torch.compile``."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,11 +39,15 @@ def make_optimizer(params: list[torch.nn.Parameter] | object, cfg: OptimConfig) 
 class WorldModelTrainer:
     """Owns the world model's optimizer; ``update(batch)`` is one gradient step."""
 
-    def __init__(self, model: WorldModel, cfg: OptimConfig, device: torch.device, amp: bool = True) -> None:
+    def __init__(
+        self, model: WorldModel, cfg: OptimConfig, device: torch.device, amp: bool = True, compile: bool = False
+    ) -> None:
         self.model = model
         self.cfg = cfg
         self.device = device
         self.amp = amp
+        # Compiling the bound method leaves the module (and its state_dict keys) as they are.
+        self.loss_and_latents = torch.compile(model.loss_and_latents) if compile else model.loss_and_latents
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.updates = 0
         self.skipped = 0
@@ -56,17 +60,17 @@ class WorldModelTrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.lr * min(1.0, (self.updates + 1) / max(1, self.cfg.warmup_updates))
         with autocast_context(self.device, self.amp):
-            loss, metrics, latents = self.model.loss_and_latents(batch)
-        if math.isfinite(loss.item()):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            if math.isfinite(grad_norm.item()):  # a finite loss can still have inf gradients
-                self.optimizer.step()
-                self.updates += 1
-                self.consecutive_skipped = 0
-                metrics["world_model/grad_norm"] = grad_norm.detach()
-                return metrics, latents.float()
+            loss, metrics, latents = self.loss_and_latents(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        # One host sync per update; a finite loss can still have inf gradients, so both are checked.
+        if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+            self.optimizer.step()
+            self.updates += 1
+            self.consecutive_skipped = 0
+            metrics["world_model/grad_norm"] = grad_norm.detach()
+            return metrics, latents.float()
         self.skipped += 1
         self.consecutive_skipped += 1
         self.optimizer.zero_grad(set_to_none=True)

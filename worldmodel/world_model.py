@@ -92,11 +92,10 @@ def balanced_weights(is_positive: torch.Tensor) -> torch.Tensor:
     weight, so a rare class is not drowned by the majority; mean weight is 1."""
     n = is_positive.numel()
     pos = is_positive.float()
-    n_pos = pos.sum().clamp(min=1.0)
-    n_neg = (n - pos.sum()).clamp(min=1.0)
-    if pos.sum() == 0 or pos.sum() == n:
-        return torch.ones_like(pos)
-    return pos * (n / (2 * n_pos)) + (1 - pos) * (n / (2 * n_neg))
+    count = pos.sum()
+    balanced = pos * (n / (2 * count.clamp(min=1.0))) + (1 - pos) * (n / (2 * (n - count).clamp(min=1.0)))
+    # torch.where rather than an if: no host sync, and torch.compile keeps one graph.
+    return torch.where((count > 0) & (count < n), balanced, torch.ones_like(pos))
 
 
 class WorldModel(nn.Module):
