@@ -37,6 +37,19 @@ def test_loss_is_finite_and_reaches_every_parameter(catch_replay) -> None:
         assert p.grad.abs().sum() > 0, name
 
 
+def test_loss_traces_as_one_graph_for_torch_compile(catch_replay) -> None:
+    """The GPU path compiles the loss (``--compile``); a graph break would split it and cost a host sync.
+    Traced with the eager backend (no code generation, so it runs on any CPU); same loss as eager."""
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    wm = WorldModel(cfg, num_actions=3)
+    batch = catch_replay.sample(8, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+    traced = torch.compile(wm.loss_and_latents, fullgraph=True, backend="eager")
+    loss_traced, _, _ = traced(batch)
+    loss_eager, _, _ = wm.loss_and_latents(batch)
+    torch.testing.assert_close(loss_traced, loss_eager)
+
+
 def test_cpu_preset_and_document_sizes_run_one_loss() -> None:
     for cfg in (preset("cpu").world_model, WorldModelConfig()):
         wm = WorldModel(cfg, num_actions=4)
