@@ -249,18 +249,27 @@ class WorldModel(nn.Module):
 
         rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
         cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        # The heads learn from the predicted next latent (what imagination gives them) and from the
-        # encoded real one (a cleaner signal early on). Their gradients stop at the encoder too
-        # (LESSONS.md: a strong reward loss early on destroyed the visual representation).
-        # They also see open-loop pairs, the kind of transition deep into an imagined rollout.
-        z_now_sg = z_now.detach()
+        # The heads learn from the predicted next latent (what imagination gives them), from open-loop
+        # pairs (the kind of transition deep into an imagined rollout) and from every encoded real
+        # transition of the sequence: the replay oversamples sequences with a reward anywhere in them,
+        # and with only the last P real pairs half of those rewards never reached the heads (on Catch
+        # they stayed near chance on rewarded steps while a probe on the same frozen latents read them).
+        # Their gradients stop at the encoder (LESSONS.md: a strong reward loss early on destroyed the
+        # visual representation).
+        z_sg = z.detach()
         rew_logits, cont_logit = self.heads(
-            torch.cat([z_now_sg, z_now_sg, rearrange(z_open_prev, "b p e -> (b p) e")]),
-            torch.cat([z_pred_sg, z_next.detach(), rearrange(z_open, "b p e -> (b p) e")]),
+            torch.cat(
+                [
+                    z_now.detach(),
+                    rearrange(z_sg[:, :-1], "b t e -> (b t) e"),
+                    rearrange(z_open_prev, "b p e -> (b p) e"),
+                ]
+            ),
+            torch.cat([z_pred_sg, rearrange(z_sg[:, 1:], "b t e -> (b t) e"), rearrange(z_open, "b p e -> (b p) e")]),
         )
-        rew_open = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        cont_open = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        rew, cont = torch.cat([rew, rew, rew_open]), torch.cat([cont, cont, cont_open])
+        rew_real = rearrange(batch.rewards[:, : L - 1], "b t -> (b t)")
+        cont_real = rearrange(batch.continues[:, : L - 1], "b t -> (b t)")
+        rew, cont = torch.cat([rew, rew_real, rew]), torch.cat([cont, cont_real, cont])
         rewarded = rew != 0
         rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
         loss_reward = (rew_ce * balanced_weights(rewarded)).mean()
@@ -279,10 +288,10 @@ class WorldModel(nn.Module):
             moving = move_next > 0
             n_moving = moving.sum().clamp(min=1)
             # Head accuracies on the predicted latents only: those are what imagination runs on.
-            n = B * P
-            open_hat = twohot_decode(rew_logits[2 * n :], self.reward_bins)
-            open_ok = (open_hat - rew[2 * n :]).abs() < 0.5 * rew[2 * n :].abs().clamp(min=1.0)
-            open_acc_rewarded = (open_ok & rewarded[2 * n :]).sum() / rewarded[2 * n :].sum().clamp(min=1)
+            n, o = B * P, B * P + B * (L - 1)  # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:]
+            open_hat = twohot_decode(rew_logits[o:], self.reward_bins)
+            open_ok = (open_hat - rew[o:]).abs() < 0.5 * rew[o:].abs().clamp(min=1.0)
+            open_acc_rewarded = (open_ok & rewarded[o:]).sum() / rewarded[o:].sum().clamp(min=1)
             rew, cont, rewarded = rew[:n], cont[:n], rewarded[:n]
             rew_hat = twohot_decode(rew_logits[:n], self.reward_bins)
             rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
