@@ -82,7 +82,7 @@ class RunLogger:
         status = self.status_line()
         if self.progress is not None:
             self.progress.update(self.task, completed=step, sps=sps, status=status)
-        else:
+        elif not self.console.quiet:
             eta = (self.total - step) / sps if sps > 0 else math.inf
             print(f"step {step}/{self.total} | {sps:.0f} steps/s | ETA {eta:.0f}s | {status}", flush=True)
         return row

@@ -12,6 +12,7 @@ from einops import rearrange
 from worldmodel.batch import Batch
 from worldmodel.decoder import DecoderConfig, HybridConvTransformerDecoder
 from worldmodel.encoder import EncoderConfig, VideoViT
+from worldmodel.layers import RunningStandardizer
 from worldmodel.predictor import LatentDynamicsPredictor, PredictorConfig
 from worldmodel.reward_predictor import RewardConfig, RewardPredictor
 from worldmodel.twohot import make_bins, twohot, twohot_decode
@@ -124,6 +125,7 @@ class WorldModel(nn.Module):
         # prior log-odds (Bayes' rule), so expected rewards and continue probabilities are calibrated:
         # without it, Breakout's imagined reward was ~0.45 on every step.
         self.register_buffer("base_rates", torch.tensor([0.5, 0.5]))  # (rewarded, terminal) fractions
+        self.head_input_norm = RunningStandardizer(E)
 
     @staticmethod
     def to_float(frames: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,7 @@ class WorldModel(nn.Module):
 
     def heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward logits ``[B, bins]`` and continue logits ``[B]`` of transitions ``z_t -> z_next`` ``[B, E]``."""
-        a, b = z_t.unsqueeze(1), z_next.unsqueeze(1)
+        a, b = self.head_input_norm(z_t).unsqueeze(1), self.head_input_norm(z_next).unsqueeze(1)
         return self.reward_head(a, b)[:, 0], self.cont_head(a, b)[:, 0, 0]
 
     @staticmethod
@@ -159,9 +161,11 @@ class WorldModel(nn.Module):
         self.base_rates.copy_(torch.tensor([rewarded, terminal]).clamp(1e-4, 1 - 1e-4))
 
     def load_state_dict_compat(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """``load_state_dict``; checkpoints written before ``base_rates`` existed load with 0.5 (no shift)."""
+        """``load_state_dict``; checkpoints written before ``base_rates`` existed load with 0.5 (no shift),
+        and those from before the heads' input standardization with an identity one (how they were trained)."""
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        if unexpected or set(missing) - {"base_rates"}:
+        optional = {"base_rates"} | {f"head_input_norm.{k}" for k in ("mean", "var", "initialized")}
+        if unexpected or set(missing) - optional:
             raise RuntimeError(f"world-model state does not match: missing {missing}, unexpected {unexpected}")
 
     def calibrated_heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +261,8 @@ class WorldModel(nn.Module):
         # Their gradients stop at the encoder (LESSONS.md: a strong reward loss early on destroyed the
         # visual representation).
         z_sg = z.detach()
+        if self.training:
+            self.head_input_norm.update(z_sg)
         rew_logits, cont_logit = self.heads(
             torch.cat(
                 [
