@@ -233,11 +233,13 @@ def dyna_split(
 def project_full_run(preset_name: str, wm: dict, im: dict, dyna: dict | None) -> dict[str, float]:
     """Hours a whole run of the preset would take at the measured rates: its world-model and policy
     updates at the measured update rates, its env steps (and the loop's other work) at the collect
-    and other time per env step of the measured Dyna iterations (0 when those were skipped)."""
+    and other time per env step of the measured Dyna iterations (0 when those were skipped). Policy
+    updates start once the world model has had ``policy_start_updates``, as in the Dyna loop."""
     cfg = preset(preset_name)
     learn_steps = max(0, cfg.steps - cfg.warmup_steps)
     wm_updates = cfg.wm_pretrain_updates + learn_steps * cfg.wm_train_ratio
-    policy_updates = learn_steps * cfg.policy_train_ratio
+    policy_wait_steps = max(0, cfg.policy_start_updates - cfg.wm_pretrain_updates) / cfg.wm_train_ratio
+    policy_updates = max(0.0, learn_steps - policy_wait_steps) * cfg.policy_train_ratio
     per_env_step = 0.0
     if dyna is not None:
         per_iter = dyna["per_iteration_s"]
