@@ -53,8 +53,10 @@ class TrainConfig:
     its entropy and exploits model errors (LESSONS.md)."""
     batch_size: int = 32
     """Sequences per world-model batch."""
-    rewarded_fraction: float = 0.25
-    """Share of each world-model batch drawn from sequences with a reward."""
+    rewarded_fraction: float = 0.5
+    """Share of each world-model batch drawn from sequences with a reward. At 0.25 the reward head saw
+    ~12 rewarded pairs per Catch batch and stayed near 0.5 accuracy on rewarded steps; at 0.5 it
+    reached 0.7-0.8 (cpu preset, 3 seeds to ~21k env steps)."""
     replay_capacity: int = 100_000
     """Frames kept in replay (64x64 uint8: 100k frames ~ 410 MB)."""
     log_every: int = 1_000
