@@ -238,6 +238,7 @@ class DynaTrainer:
                     c.wm_budget += cfg.wm_pretrain_updates
                     c.pretrain_done = True
                 c.wm_budget += steps_this_iter * cfg.wm_train_ratio
+                block = int(c.wm_budget)
                 while c.wm_budget >= 1 and not self.stop_requested:
                     batch = self.replay.sample(
                         cfg.batch_size,
@@ -251,6 +252,10 @@ class DynaTrainer:
                     logger.add(metrics)
                     self.remember_starts(latents)
                     self._check_finite()
+                    done_in_block = block - int(c.wm_budget)
+                    if block > 100 and done_in_block % 100 == 0:
+                        loss = float(metrics["world_model/loss"])
+                        logger.phase(f"world-model pretraining: {done_in_block}/{block} updates, loss {loss:.3g}")
                 timings["world_model"] += time.perf_counter() - t0
 
                 if self.wm_trainer.updates >= cfg.policy_start_updates:

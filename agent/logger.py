@@ -87,6 +87,14 @@ class RunLogger:
             print(f"step {step}/{self.total} | {sps:.0f} steps/s | ETA {eta:.0f}s | {status}", flush=True)
         return row
 
+    def phase(self, message: str) -> None:
+        """Progress inside a long stretch without env steps (the world model's pretraining): the status
+        of the progress bar, or a plain line when stdout is not a terminal."""
+        if self.progress is not None:
+            self.progress.update(self.task, status=message)
+        elif not self.console.quiet:
+            print(message, flush=True)
+
     def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """A ``[C, H, W]`` image in [0, 1] to TensorBoard at ``step``."""
         if self.writer is not None:

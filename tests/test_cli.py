@@ -62,8 +62,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], messa
 
 def test_train_then_eval_on_catch(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    out = run("train", "--env", "wm/Catch-v0", "--preset", "debug", "--run-dir", str(run_dir), "--steps", "400")
+    out = run(
+        "train",
+        "--env",
+        "wm/Catch-v0",
+        "--preset",
+        "debug",
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        "400",
+        "--wm-pretrain-updates",
+        "110",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "world-model pretraining: 100/" in out.stdout  # progress while no env step is taken
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["env"] == "wm/Catch-v0" and cfg["steps"] == 400
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
