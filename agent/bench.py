@@ -143,18 +143,19 @@ def world_model_speed(
             np.array([t == 0]),
         )
     batch = buf.sample(B, L, rng, device)
+    head_batch = buf.sample(cfg.head_batch_size, 2, rng, device) if cfg.head_batch_size > 0 else None
     with FlopCounterMode(display=False) as counter:  # eager forward + backward: the FLOPs one update needs
-        wm.loss_and_latents(batch)[0].backward()
+        wm.loss_and_latents(batch, head_batch)[0].backward()
     flops = counter.get_total_flops()
     wm.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     for _ in range(3 if compile else 2):
-        trainer.update(batch)
+        trainer.update(batch, head_batch)
     _sync(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(updates):
-        trainer.update(batch)
+        trainer.update(batch, head_batch)
     _sync(device)
     dt = (time.perf_counter() - t0) / updates
     params = {

@@ -57,6 +57,11 @@ class TrainConfig:
     """Share of each world-model batch drawn from sequences with a reward. At 0.25 the reward head saw
     ~12 rewarded pairs per Catch batch and stayed near 0.5 accuracy on rewarded steps; at 0.5 it
     reached 0.7-0.8 (cpu preset, 3 seeds to ~21k env steps)."""
+    head_batch_size: int = 64
+    """Extra real transitions (2-frame sequences, ``rewarded_fraction`` of them rewarded) per world-model
+    update for the reward and continue heads only: encoded without gradient, never decoded. 0 = none.
+    On Catch (cpu preset, seeds 0 and 1) 64 raised the heads' early accuracy on rewarded steps and the
+    last-100 return at 30k env steps from 0.18 / 0.82 to 0.86 / 0.88; a world-model update takes ~23% longer."""
     replay_capacity: int = 100_000
     """Frames kept in replay (64x64 uint8: 100k frames ~ 410 MB)."""
     log_every: int = 1_000
@@ -127,6 +132,7 @@ def preset(name: str) -> TrainConfig:
             steps=600,
             num_envs=2,
             batch_size=8,
+            head_batch_size=8,
             warmup_steps=100,
             collect_steps=50,
             wm_train_ratio=1 / 10,

@@ -247,7 +247,12 @@ class DynaTrainer:
                         self.device,
                         rewarded_fraction=cfg.rewarded_fraction,
                     )
-                    metrics, latents = self.wm_trainer.update(batch)
+                    head_batch = None
+                    if cfg.head_batch_size > 0:
+                        head_batch = self.replay.sample(
+                            cfg.head_batch_size, 2, self.rng, self.device, rewarded_fraction=cfg.rewarded_fraction
+                        )
+                    metrics, latents = self.wm_trainer.update(batch, head_batch)
                     c.wm_budget -= 1
                     logger.add(metrics)
                     self.remember_starts(latents)

@@ -152,7 +152,9 @@ class PPO:
                 with torch.no_grad():
                     stats["pg"].append(pg.detach())
                     stats["v"].append(vloss.detach())
-                    stats["ent"].append(ent.detach())
+                    # The bonus above is scaled by the alive weights; report the policy's own entropy
+                    # on the states it is likely to reach, comparable to log(num_actions).
+                    stats["ent"].append(((dist.entropy() * w).sum() / w.sum().clamp(min=1e-6)).detach())
                     stats["kl"].append((flat["logprobs"][j] - logp).mean().detach())
                     stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip).float().mean())
         self.updates += 1

@@ -37,6 +37,31 @@ def test_loss_is_finite_and_reaches_every_parameter(catch_replay) -> None:
         assert p.grad.abs().sum() > 0, name
 
 
+def test_head_batch_trains_the_heads_only(catch_replay) -> None:
+    """The extra transitions of ``head_batch`` change the reward and continue heads' gradients, and leave
+    the encoder's and decoder's as they were: those learn from pixels alone. (The predictor's change with
+    them: the heads' loss reaches it through the predicted latents, reweighted by the extra pairs.)"""
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    wm = WorldModel(cfg, num_actions=3)
+    rng = np.random.default_rng(0)
+    batch = catch_replay.sample(8, cfg.seq_len, rng, rewarded_fraction=0.5)
+    head_batch = catch_replay.sample(16, 2, rng, rewarded_fraction=0.5)
+    assert (head_batch.rewards != 0).sum() == 8
+
+    def grads(hb):
+        wm.zero_grad(set_to_none=True)
+        wm.compute_loss(batch, hb)[0].backward()
+        return {n: p.grad.clone() for n, p in wm.named_parameters()}
+
+    without, with_heads = grads(None), grads(head_batch)
+    for name in without:
+        if name.startswith(("reward_head.", "cont_head.")):
+            assert not torch.allclose(without[name], with_heads[name]), name
+        elif name.startswith(("encoder.", "decoder.")):
+            torch.testing.assert_close(without[name], with_heads[name], msg=name)
+
+
 def test_loss_traces_as_one_graph_for_torch_compile(catch_replay) -> None:
     """The GPU path compiles the loss (``--compile``); a graph break would split it and cost a host sync.
     Traced with the eager backend (no code generation, so it runs on any CPU); same loss as eager."""

@@ -183,12 +183,18 @@ class WorldModel(nn.Module):
         rew_logits, cont_logit = self.calibrated_heads(window[:, -1], z_next[:, 0])
         return Prediction(z_next, twohot_decode(rew_logits, self.reward_bins), torch.sigmoid(cont_logit))
 
-    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one batch of ``K + P`` frame sequences; metrics are detached tensors."""
-        loss, metrics, _ = self.loss_and_latents(batch)
+    def compute_loss(
+        self, batch: Batch, head_batch: Batch | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch of ``K + P`` frame sequences; metrics are detached tensors. ``head_batch``
+        (optional, sequences of any length >= 2) adds real transitions for the reward and continue heads
+        only: encoded without gradient, so they cost an encoder pass and no decoding."""
+        loss, metrics, _ = self.loss_and_latents(batch, head_batch)
         return loss, metrics
 
-    def loss_and_latents(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def loss_and_latents(
+        self, batch: Batch, head_batch: Batch | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`compute_loss` plus the batch's detached latents ``[B, K+P, E]``, which imagination
         reuses as start states instead of encoding frames a second time."""
         cfg, lc = self.cfg, self.cfg.loss
@@ -263,19 +269,26 @@ class WorldModel(nn.Module):
         z_sg = z.detach()
         if self.training:
             self.head_input_norm.update(z_sg)
-        rew_logits, cont_logit = self.heads(
-            torch.cat(
-                [
-                    z_now.detach(),
-                    rearrange(z_sg[:, :-1], "b t e -> (b t) e"),
-                    rearrange(z_open_prev, "b p e -> (b p) e"),
-                ]
-            ),
-            torch.cat([z_pred_sg, rearrange(z_sg[:, 1:], "b t e -> (b t) e"), rearrange(z_open, "b p e -> (b p) e")]),
-        )
-        rew_real = rearrange(batch.rewards[:, : L - 1], "b t -> (b t)")
-        cont_real = rearrange(batch.continues[:, : L - 1], "b t -> (b t)")
-        rew, cont = torch.cat([rew, rew_real, rew]), torch.cat([cont, cont_real, cont])
+        head_from = [
+            z_now.detach(),
+            rearrange(z_sg[:, :-1], "b t e -> (b t) e"),
+            rearrange(z_open_prev, "b p e -> (b p) e"),
+        ]
+        head_to = [z_pred_sg, rearrange(z_sg[:, 1:], "b t e -> (b t) e"), rearrange(z_open, "b p e -> (b p) e")]
+        rew_parts = [rew, rearrange(batch.rewards[:, : L - 1], "b t -> (b t)"), rew]
+        cont_parts = [cont, rearrange(batch.continues[:, : L - 1], "b t -> (b t)"), cont]
+        if head_batch is not None:
+            # The main batch gives the heads few rewarded pairs (about 16 per update on Catch) while a
+            # probe on the same latents read catch vs miss near-perfectly: these extra real pairs cost an
+            # encoder pass without gradient and no decoding.
+            with torch.no_grad():
+                z_h = self.encoder(self.to_float(head_batch.frames).unsqueeze(1))  # (B2, T2+1, E)
+            head_from.append(rearrange(z_h[:, :-1], "b t e -> (b t) e"))
+            head_to.append(rearrange(z_h[:, 1:], "b t e -> (b t) e"))
+            rew_parts.append(rearrange(head_batch.rewards, "b t -> (b t)"))
+            cont_parts.append(rearrange(head_batch.continues, "b t -> (b t)"))
+        rew_logits, cont_logit = self.heads(torch.cat(head_from), torch.cat(head_to))
+        rew, cont = torch.cat(rew_parts), torch.cat(cont_parts)
         rewarded = rew != 0
         rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
         loss_reward = (rew_ce * balanced_weights(rewarded)).mean()
@@ -294,10 +307,12 @@ class WorldModel(nn.Module):
             moving = move_next > 0
             n_moving = moving.sum().clamp(min=1)
             # Head accuracies on the predicted latents only: those are what imagination runs on.
-            n, o = B * P, B * P + B * (L - 1)  # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:]
-            open_hat = twohot_decode(rew_logits[o:], self.reward_bins)
-            open_ok = (open_hat - rew[o:]).abs() < 0.5 * rew[o:].abs().clamp(min=1.0)
-            open_acc_rewarded = (open_ok & rewarded[o:]).sum() / rewarded[o:].sum().clamp(min=1)
+            # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:q], head-batch pairs [q:]
+            n, o = B * P, B * P + B * (L - 1)
+            q = o + B * P
+            open_hat = twohot_decode(rew_logits[o:q], self.reward_bins)
+            open_ok = (open_hat - rew[o:q]).abs() < 0.5 * rew[o:q].abs().clamp(min=1.0)
+            open_acc_rewarded = (open_ok & rewarded[o:q]).sum() / rewarded[o:q].sum().clamp(min=1)
             rew, cont, rewarded = rew[:n], cont[:n], rewarded[:n]
             rew_hat = twohot_decode(rew_logits[:n], self.reward_bins)
             rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
