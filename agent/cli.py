@@ -297,10 +297,15 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--num-envs", type=int, default=8, help="env copies played in parallel")
     p.add_argument("--greedy", action="store_true", help="take the most likely action instead of sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", default=None, help="results JSON (default RUN_DIR/eval.json)")
     args = p.parse_args(argv)
     if args.episodes <= 0 or args.num_envs <= 0:
         return _fail("--episodes and --num-envs must be positive")
+    if args.threads < 0:
+        return _fail(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = _load(args.run, args.checkpoint, args.device)
     if isinstance(loaded, int):
         return loaded
@@ -381,7 +386,12 @@ def watch_main(argv: list[str]) -> int:
     p.add_argument("--scale", type=int, default=4, help="upscaling of each 64x64 panel (default 4)")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        return _fail(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.steps <= 0 or args.scale <= 0 or args.fps <= 0:
         return _fail("--steps, --scale and --fps must be positive")
     if args.out and Path(args.out).suffix.lower() not in (".gif", ".mp4"):

@@ -89,7 +89,7 @@ def test_train_then_eval_on_catch(tmp_path: Path) -> None:
     again = run("train", "--env", "wm/Catch-v0", "--preset", "debug", "--run-dir", str(run_dir))
     assert again.returncode == 2 and "--resume" in again.stderr
 
-    ev = run("eval", str(run_dir), "--episodes", "6", "--out", str(tmp_path / "eval.json"))
+    ev = run("eval", str(run_dir), "--episodes", "6", "--threads", "1", "--out", str(tmp_path / "eval.json"))
     assert ev.returncode == 0, ev.stderr[-2000:]
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["episodes"] == 6 == len(res["returns"])
