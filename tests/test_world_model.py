@@ -10,7 +10,7 @@ from agent.config import preset
 from tests.helpers import random_replay
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import OptimConfig, WorldModelTrainer
-from worldmodel.world_model import WorldModel, WorldModelConfig
+from worldmodel.world_model import WorldModel, WorldModelConfig, foreground_mask
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,23 @@ def test_loss_is_finite_and_reaches_every_parameter(catch_replay) -> None:
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_foreground_against_the_batch_or_each_sequence() -> None:
+    frames = torch.zeros(2, 3, 4, 4)  # (B, L, H, W)
+    frames[0, :, 0, 0] = 1.0  # lit in every frame of sequence 0: its static background
+    frames[1, 0, 2, 2] = 1.0  # lit in one frame of sequence 1: something that moved
+    targets = frames[:, [0, 2]].reshape(4, 4, 4)  # two frames per sequence, sequence-major
+    per_seq = foreground_mask(frames, targets, 0.05, per_sequence=True)
+    assert per_seq.sum() == 1 and per_seq[2, 2, 2] == 1
+    # Against the batch's median (of three lit and three dark frames) the static pixel of sequence 0
+    # is foreground and the moving one of sequence 1 is too.
+    per_batch = foreground_mask(frames, targets, 0.05)
+    assert per_batch[0, 0, 0] == 1 and per_batch[1, 0, 0] == 1 and per_batch[2, 2, 2] == 1
+    cfg = small_cfg()
+    cfg.loss.foreground = "sequences"
+    with pytest.raises(ValueError, match="foreground"):
+        WorldModel(cfg, num_actions=3)
 
 
 def test_head_batch_trains_the_heads_only(catch_replay) -> None:

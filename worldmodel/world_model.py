@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,10 @@ class LossConfig:
     static background: plain MSE ignores a small ball."""
     moving_threshold: float = 0.05
     """A pixel 'moves' when its value in [0, 1] changes by more than this between frames."""
+    foreground: Literal["batch", "sequence"] = "batch"
+    """Background the foreground pixels are measured against: "batch" (per-pixel median of every frame
+    in the batch) or "sequence" (of each sequence's own frames, so bricks and score that stay put within
+    a sequence count as background and the ball and a paddle that moved count as foreground)."""
     reward_bins: int = 65
     reward_limit: float = 8.0
     """Two-hot reward bins span [-limit, limit] in symlog space (symlog(3000) ~ 8)."""
@@ -81,10 +86,17 @@ def moving_mask(prev: torch.Tensor, nxt: torch.Tensor, threshold: float) -> torc
     return grown.reshape(shape)
 
 
-def foreground_mask(frames: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Pixels of ``target`` ``[N, H, W]`` that differ from the batch's per-pixel median of ``frames``
-    ``[M, H, W]`` (an estimate of the static background): the paddle, the ball, the bricks left."""
-    background = frames.flatten(0, -3).median(dim=0).values  # (H, W)
+def foreground_mask(
+    frames: torch.Tensor, target: torch.Tensor, threshold: float, per_sequence: bool = False
+) -> torch.Tensor:
+    """Pixels of ``target`` ``[N, H, W]`` that differ from a per-pixel median of ``frames`` ``[B, L, H, W]``
+    (an estimate of the static background): of the whole batch, or with ``per_sequence`` of each
+    sequence's ``L`` frames, target ``n`` then belonging to sequence ``n // (N / B)``."""
+    if per_sequence:
+        background = frames.median(dim=1).values  # (B, H, W)
+        background = background.repeat_interleave(target.shape[0] // frames.shape[0], dim=0)  # (N, H, W)
+    else:
+        background = frames.flatten(0, -3).median(dim=0).values  # (H, W)
     return ((target - background).abs() > threshold).float()
 
 
@@ -109,6 +121,8 @@ class WorldModel(nn.Module):
         for name, sub in (("predictor", cfg.predictor), ("decoder", cfg.decoder), ("reward", cfg.reward)):
             if sub.embed_dim != E:
                 raise ValueError(f"{name}.embed_dim={sub.embed_dim} must equal encoder.embed_dim={E}")
+        if cfg.loss.foreground not in ("batch", "sequence"):
+            raise ValueError(f"loss.foreground must be 'batch' or 'sequence', got {cfg.loss.foreground!r}")
         if cfg.context > cfg.predictor.max_context:
             raise ValueError(f"context {cfg.context} exceeds predictor.max_context {cfg.predictor.max_context}")
         self.cfg = cfg
@@ -230,8 +244,9 @@ class WorldModel(nn.Module):
         move_next = moving_mask(x_now, x_next, lc.moving_threshold)
         move_now = moving_mask(ae_prev, ae_real, lc.moving_threshold)
         # A still paddle does not move but matters as much as the ball: weight foreground pixels too.
-        fg_next = foreground_mask(x, x_next, lc.moving_threshold)
-        fg_now = foreground_mask(x, ae_real, lc.moving_threshold)
+        per_seq = lc.foreground == "sequence"
+        fg_next = foreground_mask(x, x_next, lc.moving_threshold, per_seq)
+        fg_now = foreground_mask(x, ae_real, lc.moving_threshold, per_seq)
         next_err = (next_hat - x_next).square()
         now_err = (ae_hat - ae_real).square()
         w_next = 1 + lc.moving_pixel_weight * torch.maximum(move_next, fg_next)
