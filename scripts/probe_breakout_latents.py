@@ -101,6 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     loaded = load_agent(Path(args.run), torch.device("cpu"))
+    torch.manual_seed(args.seed)
     fresh = WorldModel(loaded.cfg.world_model, loaded.wm.num_actions).eval()
     frames, pos = collect(args.steps, args.seed)
     in_play = (pos[:, 2] > 0) & (pos[:, 1] > 0)
