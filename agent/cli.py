@@ -285,6 +285,15 @@ def _output_dir(run: str, loaded: LoadedAgent) -> Path:
     return loaded.checkpoint.parent.parent.parent  # RUN_DIR/checkpoints/step_N/state.pt
 
 
+def _set_threads(threads: int) -> int | None:
+    """Applies ``--threads`` (0 leaves torch's default); the exit code of a one-line error if negative."""
+    if threads < 0:
+        return _fail(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    return None
+
+
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="wm-agent eval",
@@ -302,10 +311,8 @@ def eval_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.episodes <= 0 or args.num_envs <= 0:
         return _fail("--episodes and --num-envs must be positive")
-    if args.threads < 0:
-        return _fail(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if (bad := _set_threads(args.threads)) is not None:
+        return bad
     loaded = _load(args.run, args.checkpoint, args.device)
     if isinstance(loaded, int):
         return loaded
@@ -388,10 +395,8 @@ def watch_main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
-    if args.threads < 0:
-        return _fail(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if (bad := _set_threads(args.threads)) is not None:
+        return bad
     if args.steps <= 0 or args.scale <= 0 or args.fps <= 0:
         return _fail("--steps, --scale and --fps must be positive")
     if args.out and Path(args.out).suffix.lower() not in (".gif", ".mp4"):

@@ -1,10 +1,11 @@
 """Does a world model's latent know where Breakout's ball and paddle are? (issue 3 diagnostics)
 
-Plays random actions in one Breakout copy (the project's own preprocessing), reads the ball's and
-paddle's positions from the console RAM, encodes every frame with the encoder of a checkpoint and
-with a freshly initialised encoder of the same size, and fits ridge and MLP probes from each latent
-(and from the raw 64x64 pixels) to the positions. Prints held-out R^2: if the trained latent reads
-the ball no better than the untrained one, the encoder (not the decoder) loses it.
+Plays random actions in one Breakout copy (the preprocessing of ``make_env``'s gymnasium backend,
+whose env exposes the RAM), reads the ball's and paddle's positions from the console RAM, encodes
+every frame with the encoder of a checkpoint and with a freshly initialised encoder of the same
+size, and fits ridge and MLP probes from each latent (and from the raw 64x64 pixels) to the
+positions. Prints held-out R^2: if the trained latent reads the ball no better than the untrained
+one, the encoder (not the decoder) loses it.
 
     python scripts/probe_breakout_latents.py RUN_DIR [--steps 8000] [--threads 1]
 """
@@ -50,8 +51,7 @@ def collect(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def encode(wm: WorldModel, frames: np.ndarray) -> np.ndarray:
     out = []
     for i in range(0, len(frames), 256):
-        x = torch.as_tensor(frames[i : i + 256]).float().div(255)[:, None, None]  # (b, C=1, T=1, H, W)
-        out.append(wm.encoder(x)[:, 0].numpy())
+        out.append(wm.encode(torch.as_tensor(frames[i : i + 256])[:, None])[:, 0].numpy())  # (b, E)
     return np.concatenate(out)
 
 

@@ -297,7 +297,7 @@ class WorldModel(nn.Module):
             # probe on the same latents read catch vs miss near-perfectly: these extra real pairs cost an
             # encoder pass without gradient and no decoding.
             with torch.no_grad():
-                z_h = self.encoder(self.to_float(head_batch.frames).unsqueeze(1))  # (B2, T2+1, E)
+                z_h = self.encode(head_batch.frames)  # (B2, T2+1, E)
             head_from.append(rearrange(z_h[:, :-1], "b t e -> (b t) e"))
             head_to.append(rearrange(z_h[:, 1:], "b t e -> (b t) e"))
             rew_parts.append(rearrange(head_batch.rewards, "b t -> (b t)"))
