@@ -164,8 +164,7 @@ def from_dict(d: dict) -> TrainConfig:
         decoder=DecoderConfig(**dec),
         reward=RewardConfig(**wm["reward"]),
         loss=type(WorldModelConfig().loss)(**wm["loss"]),
-        context=wm["context"],
-        pred_steps=wm["pred_steps"],
+        **{k: v for k, v in wm.items() if k not in ("encoder", "predictor", "decoder", "reward", "loss")},
     )
     top = {k: v for k, v in d.items() if k not in ("world_model", "optim", "policy", "ppo")}
     return TrainConfig(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from agent.config import preset
+from agent.config import from_dict, preset, to_dict
 from tests.helpers import random_replay
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import OptimConfig, WorldModelTrainer
@@ -182,3 +184,49 @@ def test_base_rates_calibrate_balanced_heads() -> None:
     p = rew_logits.softmax(-1)[0]
     assert abs(float(p[one]) - 0.1) < 1e-4 and abs(float(p[wm.zero_bin]) - 0.9) < 1e-4
     assert abs(float(torch.sigmoid(cont_logit)) - 0.98) < 1e-4  # continuing is 98% of real transitions
+
+
+def test_encoder_hold_keeps_the_encoder_fixed_then_releases_it(catch_replay) -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    wm = WorldModel(cfg, num_actions=3)
+    trainer = WorldModelTrainer(wm, OptimConfig(warmup_updates=1, encoder_hold_updates=3), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+
+    def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in module.parameters()]
+
+    enc0, dec0 = snapshot(wm.encoder), snapshot(wm.decoder)
+    for _ in range(3):
+        trainer.update(catch_replay.sample(8, cfg.seq_len, rng, rewarded_fraction=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(enc0, snapshot(wm.encoder), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(dec0, snapshot(wm.decoder), strict=True))
+    trainer.update(catch_replay.sample(8, cfg.seq_len, rng, rewarded_fraction=0.5))
+    assert any(not torch.equal(a, b) for a, b in zip(enc0, snapshot(wm.encoder), strict=True))
+
+
+def test_decoder_reads_standardized_latents(catch_replay) -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    cfg.standardize_decoder_input = True
+    wm = WorldModel(cfg, num_actions=3)
+    batch = catch_replay.sample(8, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+    wm.compute_loss(batch)  # training mode: the first batch sets the running statistics
+    z = wm.encode(batch.frames).flatten(0, 1)  # (B*L, E)
+    assert torch.allclose(wm.decoder_input_norm.mean, z.mean(0).detach(), atol=1e-6)
+    wm.eval()
+    with torch.no_grad():
+        standardized = (z - z.mean(0)) / z.var(0, unbiased=False).sqrt()
+        expected = wm.decoder(standardized.unsqueeze(1))[:, 0, 0]
+        assert torch.allclose(wm.decode(z), expected, atol=1e-4)
+
+
+def test_config_round_trip_keeps_the_representation_options() -> None:
+    cfg = preset("cpu")
+    cfg.world_model.standardize_decoder_input = True
+    cfg.optim.encoder_hold_updates = 400
+    back = from_dict(json.loads(json.dumps(to_dict(cfg))))
+    assert back == cfg
+    old = to_dict(preset("cpu"))
+    del old["world_model"]["standardize_decoder_input"], old["optim"]["encoder_hold_updates"]
+    assert from_dict(old) == preset("cpu")  # runs written before the options load with them off

@@ -23,6 +23,11 @@ class OptimConfig:
     gradients set the norm and starved every other part (a fixed batch no longer overfit)."""
     warmup_updates: int = 100
     """Linear learning-rate warm-up over this many updates."""
+    encoder_hold_updates: int = 0
+    """Updates during which the encoder does not learn (the rest of the model does); its learning
+    rate then warms up over ``warmup_updates``. 0 = the encoder learns from the first update. A fresh
+    encoder's latents already place Catch's ball (MLP probe R^2 0.91); trained at once, beside a decoder
+    that cannot read them yet, it first erased them (0.75 after 300 updates, 0.54 after 600)."""
     eps: float = 1e-6
 
 
@@ -48,7 +53,13 @@ class WorldModelTrainer:
         self.amp = amp
         # Compiling the bound method leaves the module (and its state_dict keys) as they are.
         self.loss_and_latents = torch.compile(model.loss_and_latents) if compile else model.loss_and_latents
-        self.optimizer = make_optimizer(model.parameters(), cfg)
+        if cfg.encoder_hold_updates > 0:
+            encoder = list(model.encoder.parameters())
+            ids = {id(p) for p in encoder}
+            rest = [p for p in model.parameters() if id(p) not in ids]
+            self.optimizer = make_optimizer([{"params": rest}, {"params": encoder}], cfg)
+        else:  # one group, as checkpoints written before the option have
+            self.optimizer = make_optimizer(model.parameters(), cfg)
         self.updates = 0
         self.skipped = 0
         self.consecutive_skipped = 0
@@ -58,8 +69,11 @@ class WorldModelTrainer:
         :meth:`WorldModel.compute_loss`); returns detached metrics and the batch's detached latents
         ``[B, K+P, E]``. A non-finite loss or gradient norm skips the step (counted in ``skipped``)."""
         self.model.train()
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.cfg.lr * min(1.0, (self.updates + 1) / max(1, self.cfg.warmup_updates))
+        warmup = max(1, self.cfg.warmup_updates)
+        self.optimizer.param_groups[0]["lr"] = self.cfg.lr * min(1.0, (self.updates + 1) / warmup)
+        if len(self.optimizer.param_groups) == 2:  # the encoder's
+            held = max(0, self.updates + 1 - self.cfg.encoder_hold_updates)
+            self.optimizer.param_groups[1]["lr"] = self.cfg.lr * min(1.0, held / warmup)
         with autocast_context(self.device, self.amp):
             loss, metrics, latents = self.loss_and_latents(batch, head_batch)
         self.optimizer.zero_grad(set_to_none=True)

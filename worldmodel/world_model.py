@@ -63,6 +63,10 @@ class WorldModelConfig:
     """Frames of history the predictor sees (K)."""
     pred_steps: int = 1
     """Next-frame predictions trained per sampled sequence (P); sequences hold K + P frames."""
+    standardize_decoder_input: bool = False
+    """Decode latents standardized by a running per-feature mean and variance. The mean over patches
+    leaves frame-to-frame differences ~60x smaller than the latent's common offset (Breakout, fresh
+    cpu-size encoder), and a decoder reading them raw draws one average frame."""
 
     @property
     def seq_len(self) -> int:
@@ -140,6 +144,8 @@ class WorldModel(nn.Module):
         # without it, Breakout's imagined reward was ~0.45 on every step.
         self.register_buffer("base_rates", torch.tensor([0.5, 0.5]))  # (rewarded, terminal) fractions
         self.head_input_norm = RunningStandardizer(E)
+        # eps well below the ~1e-4 per-feature variance of a fresh encoder's latents.
+        self.decoder_input_norm = RunningStandardizer(E, eps=1e-8)
 
     @staticmethod
     def to_float(frames: torch.Tensor) -> torch.Tensor:
@@ -149,8 +155,14 @@ class WorldModel(nn.Module):
         """uint8 frames ``[B, T, H, W]`` -> latents ``[B, T, E]``."""
         return self.encoder(self.to_float(frames).unsqueeze(1))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, E]`` -> frames ``[B, H, W]`` in (roughly) [0, 1]."""
+    def decode(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Latents ``[B, E]`` -> frames ``[B, H, W]`` in (roughly) [0, 1]; ``frozen`` holds the decoder's
+        weights fixed (gradients reach ``z`` only)."""
+        if self.cfg.standardize_decoder_input:
+            z = self.decoder_input_norm(z)
+        if frozen:
+            weights = {name: p.detach() for name, p in self.decoder.named_parameters()}
+            return torch.func.functional_call(self.decoder, weights, (z.unsqueeze(1),))[:, 0, 0]
         return self.decoder(z.unsqueeze(1))[:, 0, 0]
 
     def heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +190,9 @@ class WorldModel(nn.Module):
         """``load_state_dict``; checkpoints written before ``base_rates`` existed load with 0.5 (no shift),
         and those from before the heads' input standardization with an identity one (how they were trained)."""
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        optional = {"base_rates"} | {f"head_input_norm.{k}" for k in ("mean", "var", "initialized")}
+        optional = {"base_rates"} | {
+            f"{norm}.{k}" for norm in ("head_input_norm", "decoder_input_norm") for k in ("mean", "var", "initialized")
+        }
         if unexpected or set(missing) - optional:
             raise RuntimeError(f"world-model state does not match: missing {missing}, unexpected {unexpected}")
 
@@ -218,6 +232,8 @@ class WorldModel(nn.Module):
             raise ValueError(f"batch has sequences of {L} frames, the world model trains on K+P={K + P}")
         x = self.to_float(batch.frames)  # (B, L, H, W)
         z = self.encoder(x.unsqueeze(1))  # (B, L, E)
+        if self.training and self.cfg.standardize_decoder_input:
+            self.decoder_input_norm.update(z)
 
         # P windows of K latents per sequence, each predicting the latent that follows it.
         ctx = torch.stack([z[:, p : p + K] for p in range(P)], dim=1)  # (B, P, K, E)
@@ -239,8 +255,7 @@ class WorldModel(nn.Module):
         ae_prev = rearrange(x[:, [max(0, i - 1) for i in ae_idx]], "b n h w -> (b n) h w")
         z_pred_sg = self.predictor(ctx.detach(), act)[:, 0]  # (B*P, E)
         z_pred_last = rearrange(z_pred_sg, "(b p) e -> b p e", p=P)[:, -1]
-        frozen = {name: p.detach() for name, p in self.decoder.named_parameters()}
-        next_hat = torch.func.functional_call(self.decoder, frozen, (z_pred_last.unsqueeze(1),))[:, 0, 0]
+        next_hat = self.decode(z_pred_last, frozen=True)  # (B, H, W)
         move_next = moving_mask(x_now, x_next, lc.moving_threshold)
         move_now = moving_mask(ae_prev, ae_real, lc.moving_threshold)
         # A still paddle does not move but matters as much as the ball: weight foreground pixels too.

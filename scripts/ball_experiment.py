@@ -1,0 +1,176 @@
+"""Does a world-model variant keep Breakout's ball in its latent? (issue 3 diagnostics)
+
+Trains the ``cpu``-preset world model (with any ``--set`` overrides) on random-policy Breakout data
+for ``--updates`` updates, and every ``--probe-every`` updates fits the probes of
+``probe_breakout_latents.py`` (ball and paddle positions from the console RAM) on held-out frames,
+and measures how well the current-frame reconstruction draws the moving pixels (the ball, mostly)
+next to copying the previous frame. Much cheaper than a full ``wm-agent train`` run per variant.
+
+    python scripts/ball_experiment.py --updates 1500 --set world_model.encoder.patch_size=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_breakout_latents import collect, mlp, r2, ridge  # noqa: E402
+
+from agent.config import preset  # noqa: E402
+from agent.replay import ReplayBuffer  # noqa: E402
+from envs import make_env  # noqa: E402
+from envs.catch import CatchEnv  # noqa: E402
+from worldmodel.trainer import WorldModelTrainer  # noqa: E402
+from worldmodel.world_model import WorldModel, moving_mask  # noqa: E402
+
+
+def set_field(cfg: object, dotted: str, raw: str) -> None:
+    *path, name = dotted.split(".")
+    for part in path:
+        cfg = getattr(cfg, part)
+    old = getattr(cfg, name)
+    value = type(old)(json.loads(raw)) if not isinstance(old, str) else raw
+    setattr(cfg, name, value)
+
+
+def collect_catch(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random-policy Catch frames ``[N, 64, 64]`` and positions ``[N, 3]`` (paddle x, ball x, ball y)."""
+    env = CatchEnv()
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    frames, pos = [], []
+    for _ in range(steps):
+        obs, _, terminated, _, _ = env.step(int(rng.integers(0, 3)))
+        st = env.state
+        frames.append(obs)
+        pos.append([st.paddle_x[0], st.ball_x[0], st.ball_y[0]])
+        if terminated:
+            env.reset()
+    return np.stack(frames), np.asarray(pos, dtype=np.float64)
+
+
+def random_replay(env_id: str, steps: int, seed: int) -> ReplayBuffer:
+    env = make_env(env_id, num_envs=8, seed=seed)
+    rng = np.random.default_rng(seed)
+    buf = ReplayBuffer(steps, 8)
+    obs, info = env.reset(seed=seed)
+    first = info["is_first"]
+    for _ in range(steps // 8):
+        a = rng.integers(0, env.num_actions, size=8)
+        nxt, r, term, trunc, info = env.step(a)
+        buf.add(obs, a, r, term, trunc, info["life_loss"], first)
+        obs, first = nxt, info["is_first"]
+    env.close()
+    return buf
+
+
+def evaluate(wm: WorldModel, frames: np.ndarray, pos: np.ndarray, in_play: np.ndarray) -> dict[str, float]:
+    """Probe R^2 of paddle x (all frames) and ball x, y (``in_play`` frames), and the reconstruction's
+    error on moving pixels next to copying the previous frame."""
+    wm.eval()
+    x = torch.as_tensor(frames)
+    z, recon = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            zi = wm.encode(x[i : i + 256, None])[:, 0]
+            z.append(zi)
+            recon.append(wm.decode(zi).clamp(0, 1))
+    latents, recon = torch.cat(z).numpy(), torch.cat(recon)
+    real = x.float() / 255
+    move = moving_mask(real[:-1], real[1:], 0.05) > 0
+    n = move.sum().clamp(min=1)
+    out = {
+        "recon_mse_moving": float(((recon[1:] - real[1:]).square() * move).sum() / n),
+        "copy_prev_mse_moving": float(((real[:-1] - real[1:]).square() * move).sum() / n),
+    }
+    split = int(0.8 * len(latents))
+    for j, target in enumerate(("paddle_x", "ball_x", "ball_y")):
+        keep = np.ones(len(latents), bool) if j == 0 else in_play
+        tr, te = keep[:split], keep[split:]
+        x_tr, y_tr = latents[:split][tr], pos[:split, j][tr]
+        x_te, y_te = latents[split:][te], pos[split:, j][te]
+        out[f"{target}_ridge"] = r2(ridge(x_tr, y_tr, x_te), y_te)
+        out[f"{target}_mlp"] = r2(mlp(x_tr, y_tr, x_te, steps=2000), y_te)
+    wm.train()
+    return out
+
+
+def save_grid(wm: WorldModel, frames: np.ndarray, in_play: np.ndarray, path: Path, rows: int = 6) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.flatnonzero(in_play)[::97][:rows]
+    with torch.no_grad():
+        real = torch.as_tensor(frames[idx]).float() / 255
+        recon = wm.decode(wm.encode(torch.as_tensor(frames[idx])[:, None])[:, 0]).clamp(0, 1)
+    fig, axes = plt.subplots(len(idx), 3, figsize=(6, 2 * len(idx)))
+    for i in range(len(idx)):
+        for j, img in enumerate((real[i], recon[i], (recon[i] - real[i]).abs())):
+            axes[i, j].imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", default="ALE/Breakout-v5", choices=["ALE/Breakout-v5", "wm/Catch-v0"])
+    p.add_argument("--updates", type=int, default=1500)
+    p.add_argument("--probe-every", type=int, default=500)
+    p.add_argument("--data-steps", type=int, default=20_000)
+    p.add_argument("--probe-steps", type=int, default=5_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="preset override")
+    p.add_argument("--out", type=Path, default=None, help="JSON lines of the probe results")
+    p.add_argument("--png", type=Path, default=None, help="real | reconstruction | |error| of frames with the ball")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = preset("cpu")
+    for item in args.set:
+        key, raw = item.split("=", 1)
+        set_field(cfg, key, raw)
+    print("overrides:", args.set or "none", flush=True)
+    t0 = time.time()
+    buf = random_replay(args.env, args.data_steps, args.seed)
+    probe_data = collect if args.env.startswith("ALE/") else collect_catch
+    frames, pos = probe_data(args.probe_steps, args.seed + 1000)
+    # Breakout's RAM holds 0 where no ball is in play; Catch always has one.
+    in_play = (pos[:, 2] > 0) & (pos[:, 1] > 0) if args.env.startswith("ALE/") else np.ones(len(pos), bool)
+    print(f"data: {args.data_steps} replay steps, {len(frames)} probe frames ({time.time() - t0:.0f} s)", flush=True)
+    wm = WorldModel(cfg.world_model, num_actions=3 if args.env == "wm/Catch-v0" else 4)
+    trainer = WorldModelTrainer(wm, cfg.optim, torch.device("cpu"), amp=False)
+    rng = np.random.default_rng(args.seed)
+    L = cfg.world_model.seq_len
+    t_train = 0.0
+    rows = []
+    for i in range(args.updates + 1):
+        if i % args.probe_every == 0:
+            row = {"updates": i, "train_s": round(t_train, 1), **evaluate(wm, frames, pos, in_play)}
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if i == args.updates:
+            break
+        t1 = time.time()
+        trainer.update(buf.sample(cfg.batch_size, L, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction))
+        t_train += time.time() - t1
+    if args.png:
+        save_grid(wm, frames, in_play, args.png)
+    if args.out:
+        args.out.write_text("".join(json.dumps({"overrides": args.set, **r}) + "\n" for r in rows))
+    print(f"done in {time.time() - t0:.0f} s; {dataclasses.asdict(cfg.world_model.encoder)}")
+
+
+if __name__ == "__main__":
+    main()
