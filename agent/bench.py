@@ -23,7 +23,7 @@ from agent.bench_learn import learn_main
 from agent.config import PRESETS, preset
 from agent.policy import ActorCritic
 from agent.ppo import PPO
-from agent.replay import ReplayBuffer
+from agent.replay import ReplayBuffer, random_replay
 from envs import make_env
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
@@ -350,20 +350,8 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
 
-    def collect(steps: int, seed: int) -> ReplayBuffer:
-        env = make_env(args.env, num_envs=8, seed=seed)
-        buf = ReplayBuffer(steps, 8)
-        obs, info = env.reset(seed=seed)
-        first = info["is_first"]
-        for _ in range(steps // 8):
-            a = rng.integers(0, env.num_actions, size=8)
-            nxt, r, term, trunc, info = env.step(a)
-            buf.add(obs, a, r, term, trunc, info["life_loss"], first)
-            obs, first = nxt, info["is_first"]
-        env.close()
-        return buf
-
-    train_buf, test_buf = collect(args.data_steps, args.seed), collect(4_000, args.seed + 1)
+    train_buf = random_replay(args.env, args.data_steps, 8, args.seed, rng)
+    test_buf = random_replay(args.env, 4_000, 8, args.seed + 1, rng)
     wm = WorldModel(cfg.world_model, num_actions=make_env(args.env).num_actions).to(device)
     trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
     L = cfg.world_model.seq_len

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from envs import make_env
 from worldmodel.batch import Batch
 
 _ARRAYS = ("frames", "actions", "rewards", "terminated", "truncated", "life_loss", "is_first")
@@ -200,3 +201,22 @@ class ReplayBuffer:
         buf.filled = n
         buf.pos = n % buf.slots
         return buf
+
+
+def random_replay(
+    env_id: str, steps: int, num_envs: int = 8, seed: int = 0, rng: np.random.Generator | None = None
+) -> ReplayBuffer:
+    """A buffer of ``steps`` env steps (all copies together) of ``env_id`` under uniformly random
+    actions drawn from ``rng`` (default: one seeded with ``seed``)."""
+    rng = np.random.default_rng(seed) if rng is None else rng
+    env = make_env(env_id, num_envs=num_envs, seed=seed)
+    buf = ReplayBuffer(steps, num_envs)
+    obs, info = env.reset(seed=seed)
+    first = info["is_first"]
+    for _ in range(steps // num_envs):
+        a = rng.integers(0, env.num_actions, size=num_envs)
+        nxt, r, term, trunc, info = env.step(a)
+        buf.add(obs, a, r, term, trunc, info["life_loss"], first)
+        obs, first = nxt, info["is_first"]
+    env.close()
+    return buf

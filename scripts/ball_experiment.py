@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from probe_breakout_latents import collect, mlp, r2, ridge  # noqa: E402
 
 from agent.config import preset  # noqa: E402
-from agent.replay import ReplayBuffer  # noqa: E402
-from envs import make_env  # noqa: E402
+from agent.replay import random_replay  # noqa: E402
 from envs.catch import CatchEnv  # noqa: E402
 from worldmodel.trainer import WorldModelTrainer  # noqa: E402
 from worldmodel.world_model import WorldModel, moving_mask  # noqa: E402
@@ -57,21 +56,6 @@ def collect_catch(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         if terminated:
             env.reset()
     return np.stack(frames), np.asarray(pos, dtype=np.float64)
-
-
-def random_replay(env_id: str, steps: int, seed: int) -> ReplayBuffer:
-    env = make_env(env_id, num_envs=8, seed=seed)
-    rng = np.random.default_rng(seed)
-    buf = ReplayBuffer(steps, 8)
-    obs, info = env.reset(seed=seed)
-    first = info["is_first"]
-    for _ in range(steps // 8):
-        a = rng.integers(0, env.num_actions, size=8)
-        nxt, r, term, trunc, info = env.step(a)
-        buf.add(obs, a, r, term, trunc, info["life_loss"], first)
-        obs, first = nxt, info["is_first"]
-    env.close()
-    return buf
 
 
 def evaluate(wm: WorldModel, frames: np.ndarray, pos: np.ndarray, in_play: np.ndarray) -> dict[str, float]:
@@ -145,7 +129,7 @@ def main() -> None:
         set_field(cfg, key, raw)
     print("overrides:", args.set or "none", flush=True)
     t0 = time.time()
-    buf = random_replay(args.env, args.data_steps, args.seed)
+    buf = random_replay(args.env, args.data_steps, 8, args.seed)
     probe_data = collect if args.env.startswith("ALE/") else collect_catch
     frames, pos = probe_data(args.probe_steps, args.seed + 1000)
     # Breakout's RAM holds 0 where no ball is in play; Catch always has one.
