@@ -27,7 +27,8 @@ class OptimConfig:
     """Updates during which the encoder does not learn (the rest of the model does); its learning
     rate then warms up over ``warmup_updates``. 0 = the encoder learns from the first update. A fresh
     encoder's latents already place Catch's ball (MLP probe R^2 0.91); trained at once, beside a decoder
-    that cannot read them yet, it first erased them (0.75 after 300 updates, 0.54 after 600)."""
+    that cannot read them yet, it first erased them (0.75 after 300 updates, 0.54 after 600). Yet a
+    whole Catch run holding it 300 updates (seed 0) ended at 0.64 against the default's 0.86."""
     eps: float = 1e-6
 
 
