@@ -120,7 +120,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _parse_config(args: list[str], default: TrainConfig, description: str) -> TrainConfig:
+def parse_config(args: list[str], default: TrainConfig, description: str) -> TrainConfig:
     """tyro's parse of the config fields; its boxed error becomes one :class:`UsageError` line."""
     out, err = io.StringIO(), io.StringIO()
     try:
@@ -177,7 +177,7 @@ def train_main(argv: list[str]) -> int:
             "Also: --run-dir DIR, --name NAME, --resume RUN_DIR [--steps NEW_TOTAL]."
         )
         try:
-            cfg = _parse_config(rest, preset(name), description)
+            cfg = parse_config(rest, preset(name), description)
         except UsageError as e:
             return _fail(str(e))
         run_dir = Path(known.run_dir) if known.run_dir else default_run_dir(cfg, known.name)

@@ -1,13 +1,13 @@
 """Does a world-model variant keep the ball in its latent? (issue 3 diagnostics)
 
-Trains the ``cpu``-preset world model (with any ``--set`` overrides) on random-policy data of
-Breakout or Catch for ``--updates`` updates, and every ``--probe-every`` updates fits the probes of
-``probe_breakout_latents.py`` (ball and paddle positions: Breakout's from the console RAM, Catch's
-from the env state) on held-out frames, and measures how well the current-frame reconstruction
-draws the moving pixels next to copying the previous frame. Much cheaper than a ``wm-agent train``
-run per variant (~10 min for 1,500 updates at 1 thread).
+Trains the ``cpu``-preset world model (any config flag of ``wm-agent train`` overrides it) on
+random-policy data of Breakout or Catch for ``--updates`` updates, and every ``--probe-every``
+updates fits the probes of ``probe_breakout_latents.py`` (ball and paddle positions: Breakout's
+from the console RAM, Catch's from the env state) on held-out frames, and measures how well the
+current-frame reconstruction draws the moving pixels next to copying the previous frame. Much
+cheaper than a ``wm-agent train`` run per variant (~10 min for 1,500 updates at 1 thread).
 
-    python scripts/ball_experiment.py --updates 1500 --set optim.encoder_hold_updates=500 --png grid.png
+    python scripts/ball_experiment.py --updates 1500 --optim.encoder-hold-updates 500 --png grid.png
     python scripts/ball_experiment.py --env wm/Catch-v0 --updates 1200 --probe-every 300
 """
 
@@ -24,22 +24,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_breakout_latents import collect, mlp, r2, ridge  # noqa: E402
+from probe_breakout_latents import collect, fit_probes  # noqa: E402
 
+from agent.cli import parse_config  # noqa: E402
 from agent.config import preset  # noqa: E402
 from agent.replay import random_replay  # noqa: E402
 from envs.catch import CatchEnv  # noqa: E402
 from worldmodel.trainer import WorldModelTrainer  # noqa: E402
 from worldmodel.world_model import WorldModel, moving_mask  # noqa: E402
-
-
-def set_field(cfg: object, dotted: str, raw: str) -> None:
-    *path, name = dotted.split(".")
-    for part in path:
-        cfg = getattr(cfg, part)
-    old = getattr(cfg, name)
-    value = type(old)(json.loads(raw)) if not isinstance(old, str) else raw
-    setattr(cfg, name, value)
 
 
 def collect_catch(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,14 +69,9 @@ def evaluate(wm: WorldModel, frames: np.ndarray, pos: np.ndarray, in_play: np.nd
         "recon_mse_moving": float(((recon[1:] - real[1:]).square() * move).sum() / n),
         "copy_prev_mse_moving": float(((real[:-1] - real[1:]).square() * move).sum() / n),
     }
-    split = int(0.8 * len(latents))
-    for j, target in enumerate(("paddle_x", "ball_x", "ball_y")):
-        keep = np.ones(len(latents), bool) if j == 0 else in_play
-        tr, te = keep[:split], keep[split:]
-        x_tr, y_tr = latents[:split][tr], pos[:split, j][tr]
-        x_te, y_te = latents[split:][te], pos[split:, j][te]
-        out[f"{target}_ridge"] = r2(ridge(x_tr, y_tr, x_te), y_te)
-        out[f"{target}_mlp"] = r2(mlp(x_tr, y_tr, x_te, steps=2000), y_te)
+    for target, fits in fit_probes(latents, pos, in_play, mlp_steps=2000).items():
+        for kind, score in fits.items():
+            out[f"{target.replace(' ', '_')}_{kind}"] = score
     wm.train()
     return out
 
@@ -117,17 +104,13 @@ def main() -> None:
     p.add_argument("--probe-steps", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="preset override")
     p.add_argument("--out", type=Path, default=None, help="JSON lines of the probe results")
     p.add_argument("--png", type=Path, default=None, help="real | reconstruction | |error| of frames with the ball")
-    args = p.parse_args()
+    args, overrides = p.parse_known_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = preset("cpu")
-    for item in args.set:
-        key, raw = item.split("=", 1)
-        set_field(cfg, key, raw)
-    print("overrides:", args.set or "none", flush=True)
+    cfg = parse_config(overrides, preset("cpu"), "config overrides, as for wm-agent train")
+    print("overrides:", " ".join(overrides) or "none", flush=True)
     t0 = time.time()
     buf = random_replay(args.env, args.data_steps, 8, args.seed)
     probe_data = collect if args.env.startswith("ALE/") else collect_catch
@@ -154,7 +137,7 @@ def main() -> None:
     if args.png:
         save_grid(wm, frames, in_play, args.png)
     if args.out:
-        args.out.write_text("".join(json.dumps({"overrides": args.set, **r}) + "\n" for r in rows))
+        args.out.write_text("".join(json.dumps({"overrides": overrides, **r}) + "\n" for r in rows))
     print(f"done in {time.time() - t0:.0f} s; {dataclasses.asdict(cfg.world_model.encoder)}")
 
 

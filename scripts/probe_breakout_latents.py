@@ -91,6 +91,28 @@ def mlp(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, steps: int = 3000)
         return net(torch.as_tensor((x_te - mu) / sd, dtype=torch.float32))[:, 0].numpy() * ys + ym
 
 
+TARGETS = ("paddle x", "ball x", "ball y")
+
+
+def fit_probes(
+    x: np.ndarray, pos: np.ndarray, in_play: np.ndarray, mlp_steps: int = 3000
+) -> dict[str, dict[str, float]]:
+    """Held-out R^2 of ridge and MLP probes from inputs ``x [N, D]`` to each of :data:`TARGETS`
+    (columns of ``pos [N, 3]``), fitted on the first 80% of the frames; the ball only where ``in_play``."""
+    split = int(0.8 * len(x))
+    scores = {}
+    for j, target in enumerate(TARGETS):
+        keep = np.ones(len(x), bool) if j == 0 else in_play
+        tr, te = keep[:split], keep[split:]
+        x_tr, y_tr = x[:split][tr], pos[:split, j][tr]
+        x_te, y_te = x[split:][te], pos[split:, j][te]
+        scores[target] = {
+            "ridge": r2(ridge(x_tr, y_tr, x_te), y_te),
+            "mlp": r2(mlp(x_tr, y_tr, x_te, steps=mlp_steps), y_te),
+        }
+    return scores
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run directory or checkpoint of a Breakout world model")
@@ -114,16 +136,9 @@ def main() -> None:
         "untrained latent": encode(fresh, frames),
         "raw pixels": frames.reshape(len(frames), -1).astype(np.float64) / 255,
     }
-    split = int(0.8 * len(frames))
     for name, x in inputs.items():
-        cells = []
-        for j, target in enumerate(("paddle x", "ball x", "ball y")):
-            keep = np.ones(len(x), bool) if j == 0 else in_play
-            tr, te = keep[:split], keep[split:]
-            x_tr, y_tr = x[:split][tr], pos[:split, j][tr]
-            x_te, y_te = x[split:][te], pos[split:, j][te]
-            fits = {"ridge": ridge(x_tr, y_tr, x_te), "mlp": mlp(x_tr, y_tr, x_te)}
-            cells.append(f"{target}: " + " / ".join(f"{k} {r2(v, y_te):.2f}" for k, v in fits.items()))
+        scores = fit_probes(x, pos, in_play)
+        cells = [f"{t}: " + " / ".join(f"{k} {v:.2f}" for k, v in fits.items()) for t, fits in scores.items()]
         print(f"{name:17s} R^2 held out | " + " | ".join(cells))
     print(f"({time.time() - t0:.0f} s)")
 
