@@ -372,8 +372,8 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
         _, m = wm.compute_loss(test)
         K = cfg.world_model.context
         pred = wm.predict_next_frame(test.frames[:, :K], test.actions[:, K - 1])
-    real = test.frames[:, K].float() / 255
-    last = test.frames[:, K - 1].float() / 255
+    real = wm.to_float(test.frames[:, K])
+    last = wm.to_float(test.frames[:, K - 1])
     result = {k.split("/")[1]: float(v) for k, v in m.items()}
     result.update(
         {

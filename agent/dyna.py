@@ -176,7 +176,7 @@ class DynaTrainer:
         batch = self.replay.sample(count, K + 1, np.random.default_rng(self.counters.env_steps), self.device)
         self.wm.eval()
         pred = self.wm.predict_next_frame(batch.frames[:, :K], batch.actions[:, K - 1])  # (count, H, W)
-        real = WorldModel.to_float(batch.frames[:, K])
+        real = self.wm.to_float(batch.frames[:, K])
         return torch.cat([torch.cat(list(real), dim=1), torch.cat(list(pred), dim=1)], dim=0)[None].cpu()
 
     def _check_finite(self) -> None:

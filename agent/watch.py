@@ -62,6 +62,10 @@ def open_loop(
     starts: list[int] = []
     sent: list[int] = []
     t_seg = 0
+
+    def model_pixels(frame: np.ndarray) -> np.ndarray:  # real frames as the model sees them (pixel_gain)
+        return (wm.to_float(torch.from_numpy(frame)) * 255).round().byte().numpy()
+
     if K == 1:  # the first frame is a whole context
         window = wm.encode(torch.from_numpy(obs[:1])[None].to(device))
         starts.append(0)
@@ -79,9 +83,9 @@ def open_loop(
             window = torch.cat([window[:, 1:], pred.latent], dim=1)
             frame = wm.decode(pred.latent[:, 0])[0].clamp(0, 1)
             t_seg += 1
-            rows["real"].append(nxt[0])
+            rows["real"].append(model_pixels(nxt[0]))
             rows["imag"].append((frame * 255).round().byte().cpu().numpy())
-            rows["last"].append(context[-1])
+            rows["last"].append(model_pixels(context[-1]))
             rows["r"].append(float(rew[0]))
             rows["r_hat"].append(float(pred.reward[0]))
             rows["c_hat"].append(float(pred.cont[0]))

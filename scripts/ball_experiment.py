@@ -62,7 +62,7 @@ def evaluate(wm: WorldModel, frames: np.ndarray, pos: np.ndarray, in_play: np.nd
             z.append(zi)
             recon.append(wm.decode(zi).clamp(0, 1))
     latents, recon = torch.cat(z).numpy(), torch.cat(recon)
-    real = x.float() / 255
+    real = wm.to_float(x)
     move = moving_mask(real[:-1], real[1:], 0.05) > 0
     n = move.sum().clamp(min=1)
     out = {
@@ -84,7 +84,7 @@ def save_grid(wm: WorldModel, frames: np.ndarray, in_play: np.ndarray, path: Pat
 
     idx = np.flatnonzero(in_play)[::97][:rows]
     with torch.no_grad():
-        real = torch.as_tensor(frames[idx]).float() / 255
+        real = wm.to_float(torch.as_tensor(frames[idx]))
         recon = wm.decode(wm.encode(torch.as_tensor(frames[idx])[:, None])[:, 0]).clamp(0, 1)
     fig, axes = plt.subplots(len(idx), 3, figsize=(6, 2 * len(idx)))
     for i in range(len(idx)):

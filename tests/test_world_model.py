@@ -225,8 +225,20 @@ def test_config_round_trip_keeps_the_representation_options() -> None:
     cfg = preset("cpu")
     cfg.world_model.standardize_decoder_input = True
     cfg.optim.encoder_hold_updates = 400
+    cfg.world_model.pixel_gain = 3.0
     back = from_dict(json.loads(json.dumps(to_dict(cfg))))
     assert back == cfg
     old = to_dict(preset("cpu"))
     del old["world_model"]["standardize_decoder_input"], old["optim"]["encoder_hold_updates"]
+    del old["world_model"]["pixel_gain"]
     assert from_dict(old) == preset("cpu")  # runs written before the options load with them off
+
+
+def test_pixel_gain_brightens_model_pixels_and_clips_at_one() -> None:
+    frames = torch.tensor([[0, 40, 100, 255]], dtype=torch.uint8)
+    plain = WorldModel(small_cfg(), num_actions=3).to_float(frames)
+    cfg = small_cfg()
+    cfg.pixel_gain = 3.0
+    bright = WorldModel(cfg, num_actions=3).to_float(frames)
+    assert torch.allclose(plain, frames.float() / 255)
+    assert torch.allclose(bright, torch.tensor([[0.0, 120 / 255, 300 / 255, 1.0]]).clamp(max=1.0))
