@@ -156,9 +156,14 @@ class DynaTrainer:
 
     # --- imagination starts ------------------------------------------------------------------
     def remember_starts(self, latents: torch.Tensor) -> None:
-        """Keep the newest ``ppo.num_starts`` latent windows of the world model's training batches:
-        imagination starts from them, so real frames are encoded once per update, not twice."""
-        windows = WorldModel.windows(latents, self.cfg.world_model.context)
+        """Keep the newest ``ppo.num_starts`` latent windows of the world model's training batches
+        ``[B, L, E]``: imagination starts from them, so real frames are encoded once per update, not twice.
+
+        A window ending at a sequence's last frame is left out: that frame may end its episode (a
+        rewarded sequence ends where the reward was paid), and the model never learned what follows an
+        episode's last frame, so imagination from there paid phantom rewards. Every window kept has its
+        real next step inside the sequence."""
+        windows = WorldModel.windows(latents[:, :-1], self.cfg.world_model.context)
         self.starts = windows if self.starts is None else torch.cat([windows, self.starts])
         self.starts = self.starts[: self.cfg.ppo.num_starts]
 
@@ -166,7 +171,8 @@ class DynaTrainer:
         """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""
         if self.starts is not None and len(self.starts) >= self.cfg.ppo.num_starts:
             return self.starts
-        return self.replay.sample(self.cfg.ppo.num_starts, self.cfg.world_model.context, self.rng, self.device).frames
+        K = self.cfg.world_model.context
+        return self.replay.sample(self.cfg.ppo.num_starts, K + 1, self.rng, self.device).frames[:, :K]
 
     @torch.no_grad()
     def prediction_image(self, count: int = 4) -> torch.Tensor:

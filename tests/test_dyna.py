@@ -9,6 +9,7 @@ import torch
 
 from agent.config import preset
 from agent.dyna import DynaTrainer, load_agent
+from agent.replay import random_replay
 from tests.helpers import train_quietly
 
 
@@ -44,3 +45,21 @@ def test_checkpoint_round_trip_restores_outputs(tmp_path: Path) -> None:
         a = torch.zeros(3, dtype=torch.long)
         torch.testing.assert_close(trainer.wm.imagine_step(z1, a).latent, loaded.wm.imagine_step(z2, a).latent)
     assert loaded.env_steps == 200
+
+
+def test_imagination_never_starts_at_a_sequences_last_frame(tmp_path: Path) -> None:
+    # A rewarded sequence ends at the frame where its episode ended; imagining past it paid phantom rewards.
+    cfg = preset("debug")
+    cfg.env, cfg.threads = "wm/Catch-v0", 1
+    trainer = DynaTrainer(cfg, tmp_path)
+    K, L, B, E = cfg.world_model.context, cfg.world_model.seq_len, 64, cfg.world_model.encoder.embed_dim
+    time_index = torch.arange(L, dtype=torch.float32)[None, :, None].expand(B, L, E)
+    trainer.remember_starts(time_index.clone())
+    starts = trainer.starts
+    assert starts is not None and starts.shape == (cfg.ppo.num_starts, K, E)
+    last = starts[:, -1, 0]
+    assert last.max() == L - 2 and last.min() == K - 1
+    trainer.starts = None
+    trainer.replay = random_replay(cfg.env, 200, cfg.num_envs, seed=0)
+    frames = trainer.imagination_starts()  # before any batch: real frames from replay, K of them
+    assert frames.dtype == torch.uint8 and frames.shape[1] == K

@@ -1,0 +1,124 @@
+"""How far into imagination does the world model still tell a catch from a miss? (issue 4 diagnostics)
+
+Trains the ``cpu``-preset world model (any config flag of ``wm-agent train`` overrides it) on
+random-policy data as the Dyna loop does (rewarded sequences oversampled, the head batch), and
+every ``--eval-every`` updates imagines held-out episodes open loop with their real actions: from
+the K real context frames of a window that ends where a reward was paid, the predictor runs
+``d`` steps on its own outputs and the calibrated reward head judges the last one. Reported per
+depth ``d``: the share of rewarded steps judged right (|predicted - real| < 0.5, the training
+metric), split into the episode's positive and negative rewards, the mean predicted reward on
+each (what the policy's returns are made of), and the mean predicted continue probability on
+that terminal step. Depth 1 is what the training metric measures; on Catch an
+imagined episode that starts at the first frame lands at depth 11.
+
+    python scripts/imagination_fidelity.py --updates 1200 --eval-every 400
+    python scripts/imagination_fidelity.py --updates 1200 --world-model.pred-steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agent.cli import parse_config  # noqa: E402
+from agent.config import TrainConfig, preset  # noqa: E402
+from agent.replay import ReplayBuffer, random_replay  # noqa: E402
+from worldmodel.trainer import WorldModelTrainer  # noqa: E402
+from worldmodel.twohot import twohot_decode  # noqa: E402
+from worldmodel.world_model import WorldModel  # noqa: E402
+
+
+@torch.no_grad()
+def fidelity(
+    wm: WorldModel, buf: ReplayBuffer, depths: list[int], n: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """Per depth: accuracy on rewarded steps (all / positive / negative) and mean continue probability
+    there, after ``d`` open-loop steps from real context; ``d0`` is the heads on real latents."""
+    wm.eval()
+    K = wm.cfg.context
+    out: dict[str, float] = {}
+    for d in depths:
+        batch = buf.sample(n, K + d, rng, rewarded_fraction=1.0)
+        r = batch.rewards[:, -1]
+        keep = r != 0  # a rewarded window ends at its reward (the next frame starts a new episode)
+        z = wm.encode(batch.frames)  # (n, K+d, E)
+        if d == depths[0]:
+            rew_logits, cont_logit = wm.calibrated_heads(z[:, -2], z[:, -1])
+            hat = twohot_decode(rew_logits, wm.reward_bins)
+            ok = (hat - r).abs() < 0.5
+            out["real_pairs_acc"] = float(ok[keep].float().mean())
+        window = z[:, :K]
+        for i in range(d):
+            pred = wm.imagine_step(window, batch.actions[:, K - 1 + i])
+            window = torch.cat([window[:, 1:], pred.latent], dim=1)
+        ok = (pred.reward - r).abs() < 0.5
+        out[f"d{d}_acc"] = float(ok[keep].float().mean())
+        out[f"d{d}_acc_pos"] = float(ok[keep & (r > 0)].float().mean())
+        out[f"d{d}_acc_neg"] = float(ok[keep & (r < 0)].float().mean())
+        out[f"d{d}_mean_pos"] = float(pred.reward[keep & (r > 0)].mean())
+        out[f"d{d}_mean_neg"] = float(pred.reward[keep & (r < 0)].mean())
+        out[f"d{d}_cont"] = float(pred.cont[keep].mean())
+        out[f"d{d}_latent_mse"] = float((window[:, -1] - z[:, -1]).square().mean())
+    wm.train()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", default="wm/Catch-v0")
+    p.add_argument("--updates", type=int, default=1200)
+    p.add_argument("--eval-every", type=int, default=400)
+    p.add_argument("--data-steps", type=int, default=20_000)
+    p.add_argument("--eval-steps", type=int, default=8_000)
+    p.add_argument("--depths", default="1,2,4,7,11")
+    p.add_argument("--eval-windows", type=int, default=200, help="windows per depth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="JSON lines of the results")
+    args, overrides = p.parse_known_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg: TrainConfig = parse_config(overrides, preset("cpu"), "config overrides, as for wm-agent train")
+    depths = [int(x) for x in args.depths.split(",")]
+    print("overrides:", " ".join(overrides) or "none", flush=True)
+    t0 = time.time()
+    train = random_replay(args.env, args.data_steps, 8, args.seed)
+    held_out = random_replay(args.env, args.eval_steps, 8, args.seed + 1000)
+    wm = WorldModel(cfg.world_model, num_actions=3 if args.env == "wm/Catch-v0" else 4)
+    wm.set_base_rates(*train.base_rates())
+    trainer = WorldModelTrainer(wm, cfg.optim, torch.device("cpu"), amp=False)
+    rng = np.random.default_rng(args.seed)
+    L = cfg.world_model.seq_len
+    t_train, rows = 0.0, []
+    for i in range(args.updates + 1):
+        if i % args.eval_every == 0 and i > 0:
+            row = {
+                "updates": i,
+                "train_s": round(t_train, 1),
+                **fidelity(wm, held_out, depths, args.eval_windows, np.random.default_rng(args.seed + 1)),
+            }
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        if i == args.updates:
+            break
+        t1 = time.time()
+        batch = train.sample(cfg.batch_size, L, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction)
+        head = None
+        if cfg.head_batch_size > 0:
+            head = train.sample(cfg.head_batch_size, 2, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction)
+        trainer.update(batch, head)
+        t_train += time.time() - t1
+    if args.out:
+        args.out.write_text("".join(json.dumps({"overrides": overrides, **r}) + "\n" for r in rows))
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
