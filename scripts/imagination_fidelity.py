@@ -13,6 +13,10 @@ imagined episode that starts at the first frame lands at depth 11.
 
     python scripts/imagination_fidelity.py --updates 1200 --eval-every 400
     python scripts/imagination_fidelity.py --updates 1200 --world-model.pred-steps 8
+    python scripts/imagination_fidelity.py --checkpoint runs/RUN   # a trained run's world model
+
+Also reported: imagination from windows that end at an episode's last frame (``past_end_*``), where
+the truth is that nothing follows.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.cli import parse_config  # noqa: E402
 from agent.config import TrainConfig, preset  # noqa: E402
+from agent.dyna import load_agent  # noqa: E402
 from agent.replay import ReplayBuffer, random_replay  # noqa: E402
 from worldmodel.trainer import WorldModelTrainer  # noqa: E402
 from worldmodel.twohot import twohot_decode  # noqa: E402
@@ -70,6 +75,31 @@ def fidelity(
     return out
 
 
+@torch.no_grad()
+def past_the_end(wm: WorldModel, buf: ReplayBuffer, n: int, horizon: int, rng: np.random.Generator) -> dict[str, float]:
+    """Imagination from windows that end at an episode's last frame, under random actions: the
+    continue probability of the first step and the imagined return (the truth is 0: nothing follows)."""
+    wm.eval()
+    K = wm.cfg.context
+    batch = buf.sample(n, K + 1, rng, rewarded_fraction=1.0)
+    ends = (batch.rewards[:, -1] != 0) | (batch.continues[:, -1] < 0.5)
+    window = wm.encode(batch.frames[:, 1:][ends])
+    alive, ret, first_cont = torch.ones(len(window)), torch.zeros(len(window)), None
+    for _ in range(horizon):
+        pred = wm.imagine_step(window, torch.as_tensor(rng.integers(0, wm.num_actions, len(window))))
+        first_cont = pred.cont.mean() if first_cont is None else first_cont
+        ret += alive * pred.reward
+        alive = alive * pred.cont
+        window = torch.cat([window[:, 1:], pred.latent], dim=1)
+    wm.train()
+    return {
+        "past_end_windows": float(len(window)),
+        "past_end_first_cont": float(first_cont),
+        "past_end_return": float(ret.mean()),
+        "past_end_abs_return": float(ret.abs().mean()),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="wm/Catch-v0")
@@ -82,15 +112,29 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON lines of the results")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="measure a trained run's world model (run dir) instead of training one"
+    )
     args, overrides = p.parse_known_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg: TrainConfig = parse_config(overrides, preset("cpu"), "config overrides, as for wm-agent train")
     depths = [int(x) for x in args.depths.split(",")]
-    print("overrides:", " ".join(overrides) or "none", flush=True)
     t0 = time.time()
-    train = random_replay(args.env, args.data_steps, 8, args.seed)
     held_out = random_replay(args.env, args.eval_steps, 8, args.seed + 1000)
+    if args.checkpoint is not None:
+        agent = load_agent(args.checkpoint, torch.device("cpu"))
+        agent.wm.set_base_rates(*held_out.base_rates())
+        row = {
+            "checkpoint": str(agent.checkpoint),
+            "env_steps": agent.env_steps,
+            **fidelity(agent.wm, held_out, depths, args.eval_windows, np.random.default_rng(args.seed + 1)),
+            **past_the_end(agent.wm, held_out, 256, agent.cfg.ppo.horizon, np.random.default_rng(args.seed + 2)),
+        }
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        return
+    cfg: TrainConfig = parse_config(overrides, preset("cpu"), "config overrides, as for wm-agent train")
+    print("overrides:", " ".join(overrides) or "none", flush=True)
+    train = random_replay(args.env, args.data_steps, 8, args.seed)
     wm = WorldModel(cfg.world_model, num_actions=3 if args.env == "wm/Catch-v0" else 4)
     wm.set_base_rates(*train.base_rates())
     trainer = WorldModelTrainer(wm, cfg.optim, torch.device("cpu"), amp=False)
@@ -103,6 +147,7 @@ def main() -> None:
                 "updates": i,
                 "train_s": round(t_train, 1),
                 **fidelity(wm, held_out, depths, args.eval_windows, np.random.default_rng(args.seed + 1)),
+            **past_the_end(wm, held_out, 256, cfg.ppo.horizon, np.random.default_rng(args.seed + 2)),
             }
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
