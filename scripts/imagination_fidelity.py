@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON lines of the results")
     p.add_argument(
-        "--checkpoint", type=Path, default=None, help="measure a trained run's world model (run dir) instead of training one"
+        "--checkpoint", type=Path, default=None, help="measure a trained run's world model instead of training one"
     )
     args, overrides = p.parse_known_args()
     torch.set_num_threads(args.threads)
@@ -147,7 +147,7 @@ def main() -> None:
                 "updates": i,
                 "train_s": round(t_train, 1),
                 **fidelity(wm, held_out, depths, args.eval_windows, np.random.default_rng(args.seed + 1)),
-            **past_the_end(wm, held_out, 256, cfg.ppo.horizon, np.random.default_rng(args.seed + 2)),
+                **past_the_end(wm, held_out, 256, cfg.ppo.horizon, np.random.default_rng(args.seed + 2)),
             }
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
