@@ -12,7 +12,7 @@ from agent.config import from_dict, preset, to_dict
 from tests.helpers import random_replay
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import OptimConfig, WorldModelTrainer
-from worldmodel.world_model import WorldModel, WorldModelConfig, foreground_mask
+from worldmodel.world_model import WorldModel, WorldModelConfig, foreground_mask, sign_balanced_weights
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +226,12 @@ def test_config_round_trip_keeps_the_representation_options() -> None:
     cfg.world_model.standardize_decoder_input = True
     cfg.optim.encoder_hold_updates = 400
     cfg.world_model.pixel_gain = 3.0
+    cfg.world_model.loss.reward_sign_balance = True
     back = from_dict(json.loads(json.dumps(to_dict(cfg))))
     assert back == cfg
     old = to_dict(preset("cpu"))
     del old["world_model"]["standardize_decoder_input"], old["optim"]["encoder_hold_updates"]
-    del old["world_model"]["pixel_gain"]
+    del old["world_model"]["pixel_gain"], old["world_model"]["loss"]["reward_sign_balance"]
     assert from_dict(old) == preset("cpu")  # runs written before the options load with them off
 
 
@@ -242,3 +243,22 @@ def test_pixel_gain_brightens_model_pixels_and_clips_at_one() -> None:
     bright = WorldModel(cfg, num_actions=3).to_float(frames)
     assert torch.allclose(plain, frames.float() / 255)
     assert torch.allclose(bright, torch.tensor([[0.0, 120 / 255, 300 / 255, 1.0]]).clamp(max=1.0))
+
+
+def test_sign_balance_gives_a_rare_reward_sign_as_much_weight_as_the_common_one(catch_replay) -> None:
+    # A Catch policy that catches 9 balls in 10 leaves few misses to learn from.
+    rewards = torch.tensor([0.0] * 20 + [1.0] * 9 + [-1.0])
+    w = sign_balanced_weights(rewards)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(w[rewards < 0].sum(), w[rewards > 0].sum())
+    torch.testing.assert_close(w[rewards == 0].sum(), w[rewards != 0].sum())
+    one_sign = torch.tensor([0.0] * 20 + [1.0] * 10)
+    torch.testing.assert_close(sign_balanced_weights(one_sign)[one_sign > 0].sum(), torch.tensor(15.0))
+    # The option keeps the loss one graph for torch.compile.
+    cfg = small_cfg()
+    cfg.loss.reward_sign_balance = True
+    torch.manual_seed(0)
+    wm = WorldModel(cfg, num_actions=3)
+    batch = catch_replay.sample(8, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+    traced = torch.compile(wm.loss_and_latents, fullgraph=True, backend="eager")
+    torch.testing.assert_close(traced(batch)[0], wm.loss_and_latents(batch)[0])
