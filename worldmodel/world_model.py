@@ -49,7 +49,8 @@ class LossConfig:
     """Inside the rewarded class of the reward loss, positive and negative rewards share its weight
     equally. Without it, as the policy improves one sign grows rare in replay (on Catch the misses):
     a seed whose imagination judged misses at only -0.24 to -0.62 (catches +0.38 to +0.90) stalled
-    below the target."""
+    below the target. Off: on Catch (cpu preset, seeds 0-2) it took that seed to 0.9 and kept
+    another from it, and evaluated at 0.79 on average against 0.91 without it."""
     reward_bins: int = 65
     reward_limit: float = 8.0
     """Two-hot reward bins span [-limit, limit] in symlog space (symlog(3000) ~ 8)."""
