@@ -44,8 +44,9 @@ from worldmodel.world_model import WorldModel  # noqa: E402
 def fidelity(
     wm: WorldModel, buf: ReplayBuffer, depths: list[int], n: int, rng: np.random.Generator
 ) -> dict[str, float]:
-    """Per depth: accuracy on rewarded steps (all / positive / negative) and mean continue probability
-    there, after ``d`` open-loop steps from real context; ``d0`` is the heads on real latents."""
+    """Per depth ``d``: accuracy on rewarded steps (all / positive / negative), mean predicted reward on
+    positive and negative ones and mean continue probability there, after ``d`` open-loop steps from
+    real context; ``real_pairs_acc`` is the heads' accuracy on real latents."""
     wm.eval()
     K = wm.cfg.context
     out: dict[str, float] = {}
@@ -100,6 +101,18 @@ def past_the_end(wm: WorldModel, buf: ReplayBuffer, n: int, horizon: int, rng: n
     }
 
 
+def measure(wm: WorldModel, held_out: ReplayBuffer, depths: list[int], windows: int, horizon: int, seed: int) -> dict:
+    """:func:`fidelity` and :func:`past_the_end` on ``held_out``, each with its own fixed RNG."""
+    return {
+        **fidelity(wm, held_out, depths, windows, np.random.default_rng(seed + 1)),
+        **past_the_end(wm, held_out, 256, horizon, np.random.default_rng(seed + 2)),
+    }
+
+
+def print_row(row: dict) -> None:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="wm/Catch-v0")
@@ -124,13 +137,8 @@ def main() -> None:
     if args.checkpoint is not None:
         agent = load_agent(args.checkpoint, torch.device("cpu"))
         agent.wm.set_base_rates(*held_out.base_rates())
-        row = {
-            "checkpoint": str(agent.checkpoint),
-            "env_steps": agent.env_steps,
-            **fidelity(agent.wm, held_out, depths, args.eval_windows, np.random.default_rng(args.seed + 1)),
-            **past_the_end(agent.wm, held_out, 256, agent.cfg.ppo.horizon, np.random.default_rng(args.seed + 2)),
-        }
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        scores = measure(agent.wm, held_out, depths, args.eval_windows, agent.cfg.ppo.horizon, args.seed)
+        print_row({"checkpoint": str(agent.checkpoint), "env_steps": agent.env_steps, **scores})
         return
     cfg: TrainConfig = parse_config(overrides, preset("cpu"), "config overrides, as for wm-agent train")
     print("overrides:", " ".join(overrides) or "none", flush=True)
@@ -143,14 +151,9 @@ def main() -> None:
     t_train, rows = 0.0, []
     for i in range(args.updates + 1):
         if i % args.eval_every == 0 and i > 0:
-            row = {
-                "updates": i,
-                "train_s": round(t_train, 1),
-                **fidelity(wm, held_out, depths, args.eval_windows, np.random.default_rng(args.seed + 1)),
-                **past_the_end(wm, held_out, 256, cfg.ppo.horizon, np.random.default_rng(args.seed + 2)),
-            }
-            rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            scores = measure(wm, held_out, depths, args.eval_windows, cfg.ppo.horizon, args.seed)
+            rows.append({"updates": i, "train_s": round(t_train, 1), **scores})
+            print_row(rows[-1])
         if i == args.updates:
             break
         t1 = time.time()
