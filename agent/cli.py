@@ -77,6 +77,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     if not 0.0 <= cfg.sticky_actions < 1.0:
         raise UsageError(f"--sticky-actions must be in [0, 1), got {cfg.sticky_actions}")
+    for name in ("rewarded_fraction", "head_rewarded_fraction"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
     for name in ("log_every", "collect_steps", "keep_checkpoints", "max_nonfinite_updates"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

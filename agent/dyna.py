@@ -256,7 +256,7 @@ class DynaTrainer:
                     head_batch = None
                     if cfg.head_batch_size > 0:
                         head_batch = self.replay.sample(
-                            cfg.head_batch_size, 2, self.rng, self.device, rewarded_fraction=cfg.rewarded_fraction
+                            cfg.head_batch_size, 2, self.rng, self.device, rewarded_fraction=cfg.head_rewarded_fraction
                         )
                     metrics, latents = self.wm_trainer.update(batch, head_batch)
                     c.wm_budget -= 1
