@@ -63,3 +63,23 @@ def test_imagination_never_starts_at_a_sequences_last_frame(tmp_path: Path) -> N
     trainer.replay = random_replay(cfg.env, 200, cfg.num_envs, seed=0)
     frames = trainer.imagination_starts()  # before any batch: real frames from replay, K of them
     assert frames.dtype == torch.uint8 and frames.shape[1] == K
+
+
+def test_head_batch_takes_head_rewarded_fraction_of_rewarded_transitions(tmp_path: Path) -> None:
+    seen: dict[float, list[float]] = {}
+    for fraction in (1.0, 0.5):
+        cfg = preset("debug")
+        cfg.env, cfg.steps, cfg.threads, cfg.head_rewarded_fraction = "wm/Catch-v0", 200, 1, fraction
+        run_dir = tmp_path / str(fraction)
+        run_dir.mkdir()
+        trainer = DynaTrainer(cfg, run_dir)
+        update, shares = trainer.wm_trainer.update, seen.setdefault(fraction, [])
+
+        def spy(batch, head_batch=None, update=update, shares=shares):
+            shares.append(float((head_batch.rewards != 0).float().mean()))
+            return update(batch, head_batch)
+
+        trainer.wm_trainer.update = spy
+        train_quietly(trainer)
+    assert seen[1.0] and min(seen[1.0]) == 1.0
+    assert seen[0.5] and max(seen[0.5]) == 0.5
