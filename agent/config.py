@@ -119,12 +119,7 @@ def preset(name: str) -> TrainConfig:
             world_model=_small_world_model(64, 2, 2, (32, 16, 8), context=4, pred_steps=3),
             optim=OptimConfig(lr=1e-3),
             policy=PolicyConfig(history=3, hidden_dim=256),
-            # Catch's misses were landings at the catch window's edges, which the reward head read at
-            # ~0.7 and the policy chose right ~0.8 of the time one step before landing: with all of the
-            # head batch rewarded and 4 PPO epochs (was 0.5 and 2) the last-100 return reached 0.9 on
-            # 3 seeds of 3 for the first time (README, 2026-12-03).
-            head_rewarded_fraction=1.0,
-            ppo=PPOConfig(num_starts=128, entropy_coef=1e-2, epochs=4),
+            ppo=PPOConfig(num_starts=128, entropy_coef=1e-2),
             warmup_steps=2_000,
             # The representation needs many hundreds of updates before it places ball and paddle
             # (measured on Catch); the policy waits for it (LESSONS.md: PPO exploits an uninformed model).
