@@ -160,7 +160,7 @@ def main() -> None:
         batch = train.sample(cfg.batch_size, L, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction)
         head = None
         if cfg.head_batch_size > 0:
-            head = train.sample(cfg.head_batch_size, 2, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction)
+            head = train.sample(cfg.head_batch_size, 2, rng, "cpu", rewarded_fraction=cfg.head_rewarded_fraction)
         trainer.update(batch, head)
         t_train += time.time() - t1
     if args.out:
