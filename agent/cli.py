@@ -80,6 +80,8 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ("rewarded_fraction", "head_rewarded_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.slow_world_model_decay < 1.0:
+        raise UsageError(f"--slow-world-model-decay must be in [0, 1), got {cfg.slow_world_model_decay}")
     for name in ("log_every", "collect_steps", "keep_checkpoints", "max_nonfinite_updates"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

@@ -65,6 +65,11 @@ class TrainConfig:
     head_rewarded_fraction: float = 0.5
     """Share of the head batch drawn from rewarded transitions. The main batch already gives the heads
     ~100 unrewarded pairs per update, so rewarded ones are what the heads are short of."""
+    slow_world_model_decay: float = 0.0
+    """When above 0, imagination and acting use a copy of the world model whose weights follow the
+    trained one by an exponential moving average with this decay per world-model update (0.99: a time
+    constant of ~100 updates), so the policy does not chase the trained model's short-lived errors.
+    Checkpoints keep both; ``eval`` and ``watch`` use the copy. 0 = the trained model itself."""
     replay_capacity: int = 100_000
     """Frames kept in replay (64x64 uint8: 100k frames ~ 410 MB)."""
     log_every: int = 1_000

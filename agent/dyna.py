@@ -23,6 +23,8 @@ from agent.policy import ActorCritic
 from agent.ppo import PPO
 from agent.replay import ReplayBuffer
 from envs import make_env
+from worldmodel.batch import Batch
+from worldmodel.ema import ema_update_, make_slow_copy
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
@@ -77,15 +79,20 @@ class DynaTrainer:
         E = cfg.world_model.encoder.embed_dim
         self.wm = WorldModel(cfg.world_model, A).to(self.device)
         self.wm_trainer = WorldModelTrainer(self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile)
+        if not 0.0 <= cfg.slow_world_model_decay < 1.0:
+            raise ValueError(f"slow_world_model_decay must be in [0, 1), got {cfg.slow_world_model_decay}")
+        self.wm_slow: WorldModel | None = make_slow_copy(self.wm) if cfg.slow_world_model_decay > 0 else None
+        self.wm_act = self.wm_slow if self.wm_slow is not None else self.wm
+        """The world model the policy imagines with and acts through: the slow copy when there is one."""
         self.policy = ActorCritic(cfg.policy, E, A).to(self.device)
         if cfg.policy.history > cfg.world_model.context:
             raise ValueError(
                 f"policy.history {cfg.policy.history} exceeds world_model.context {cfg.world_model.context}"
             )
         self.ppo = PPO(self.policy, cfg.ppo)
-        self.imagined = ImaginedEnv(self.wm, cfg.ppo.horizon)
+        self.imagined = ImaginedEnv(self.wm_act, cfg.ppo.horizon)
         self.replay = ReplayBuffer(cfg.replay_capacity, cfg.num_envs)
-        self.actor = RealEnvActor(self.wm, self.policy, cfg.num_envs, self.device)
+        self.actor = RealEnvActor(self.wm_act, self.policy, cfg.num_envs, self.device)
         self.counters = Counters()
         self.episode_returns: list[float] = []
         self.episode_end_steps: list[int] = []
@@ -121,6 +128,8 @@ class DynaTrainer:
             "episode_returns": torch.tensor(self.episode_returns, dtype=torch.float64),
             "episode_end_steps": torch.tensor(self.episode_end_steps, dtype=torch.int64),
         }
+        if self.wm_slow is not None:
+            state["world_model_slow"] = self.wm_slow.state_dict()
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         self.last_checkpoint = write_checkpoint(
@@ -131,6 +140,8 @@ class DynaTrainer:
     def load_checkpoint(self, warn: Callable[[str], None] = print) -> None:
         state, replay, path = load_latest(self.run_dir, with_replay=True, warn=warn)
         self.wm.load_state_dict_compat(state["world_model"])
+        if self.wm_slow is not None:  # a checkpoint from before the slow copy starts it at the trained model
+            self.wm_slow.load_state_dict_compat(state.get("world_model_slow", state["world_model"]))
         self.wm_trainer.optimizer.load_state_dict(state["wm_optimizer"])
         self.policy.load_state_dict(state["policy"])
         self.ppo.optimizer.load_state_dict(state["policy_optimizer"])
@@ -166,6 +177,17 @@ class DynaTrainer:
         windows = WorldModel.windows(latents[:, :-1], self.cfg.world_model.context)
         self.starts = windows if self.starts is None else torch.cat([windows, self.starts])
         self.starts = self.starts[: self.cfg.ppo.num_starts]
+
+    def world_model_update(self, batch: Batch, head_batch: Batch | None) -> dict[str, torch.Tensor]:
+        """One world-model gradient step, then the slow copy follows it and the batch's latents (in the
+        latent space of the model the policy imagines with) become imagination starts."""
+        metrics, latents = self.wm_trainer.update(batch, head_batch)
+        if self.wm_slow is not None:
+            ema_update_(self.wm_slow, self.wm, self.cfg.slow_world_model_decay)
+            with torch.no_grad():
+                latents = self.wm_slow.encode(batch.frames)
+        self.remember_starts(latents)
+        return metrics
 
     def imagination_starts(self) -> torch.Tensor:
         """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""
@@ -258,10 +280,9 @@ class DynaTrainer:
                         head_batch = self.replay.sample(
                             cfg.head_batch_size, 2, self.rng, self.device, rewarded_fraction=cfg.head_rewarded_fraction
                         )
-                    metrics, latents = self.wm_trainer.update(batch, head_batch)
+                    metrics = self.world_model_update(batch, head_batch)
                     c.wm_budget -= 1
                     logger.add(metrics)
-                    self.remember_starts(latents)
                     self._check_finite()
                     done_in_block = block - int(c.wm_budget)
                     if block > 100 and done_in_block % 100 == 0:
@@ -272,7 +293,8 @@ class DynaTrainer:
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
                 if c.policy_budget >= 1:
-                    self.wm.set_base_rates(*self.replay.base_rates())
+                    for model in {self.wm, self.wm_act}:
+                        model.set_base_rates(*self.replay.base_rates())
                 while c.policy_budget >= 1 and not self.stop_requested:
                     t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
@@ -345,7 +367,8 @@ def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = p
         state = read_state(ckpt)
     cfg = from_dict(json.loads(state["config"]))
     wm = WorldModel(cfg.world_model, state["num_actions"]).to(device)
-    wm.load_state_dict_compat(state["world_model"])
+    # The policy acted through the slow copy when the run kept one, so that is the model it is read with.
+    wm.load_state_dict_compat(state.get("world_model_slow", state["world_model"]))
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, state["num_actions"]).to(device)
     policy.load_state_dict(state["policy"])
     wm.eval()

@@ -41,6 +41,8 @@ def test_train_help_documents_fields() -> None:
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--world-model.context", "60"], "raise --warmup-steps"),
         (["--env", "wm/Catch-v0", "--world-model.context", "20", "--warmup-steps", "400"], "shorter than the sequence"),
+        (["--head-rewarded-fraction", "1.5"], "--head-rewarded-fraction must be in [0, 1]"),
+        (["--slow-world-model-decay", "1"], "--slow-world-model-decay must be in [0, 1)"),
         (["--no-such-field", "1"], "no-such-field"),
         (["--steps", "many"], "many"),
         (["--device", "cuda"], None),
