@@ -184,8 +184,12 @@ class DynaTrainer:
         metrics, latents = self.wm_trainer.update(batch, head_batch)
         if self.wm_slow is not None:
             ema_update_(self.wm_slow, self.wm, self.cfg.slow_world_model_decay)
-            with torch.no_grad():
-                latents = self.wm_slow.encode(batch.frames)
+            # Encoding again costs a forward pass, so it starts only with the batches the policy will use.
+            windows_per_batch = batch.frames.shape[0] * (batch.frames.shape[1] - self.cfg.world_model.context)
+            needed = -(-self.cfg.ppo.num_starts // windows_per_batch)
+            if self.wm_trainer.updates + needed > self.cfg.policy_start_updates:
+                with torch.no_grad():
+                    latents = self.wm_slow.encode(batch.frames)
         self.remember_starts(latents)
         return metrics
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from agent.config import preset
 from agent.dyna import DynaTrainer, load_agent
+from agent.replay import random_replay
 from tests.helpers import train_quietly
 from worldmodel.ema import ema_update_, make_slow_copy
 from worldmodel.world_model import WorldModel
@@ -79,3 +80,23 @@ def test_dyna_imagines_and_acts_through_the_slow_copy_and_checkpoints_it(tmp_pat
     newest = trainer.starts[: len(expected)]
     torch.testing.assert_close(newest, expected)
     assert not torch.allclose(newest, trained)
+
+
+def test_slow_copy_encodes_starts_only_once_the_policy_is_about_to_start(tmp_path: Path) -> None:
+    cfg = preset("debug")
+    cfg.env, cfg.threads, cfg.slow_world_model_decay = "wm/Catch-v0", 1, 0.5
+    cfg.policy_start_updates = 10
+    trainer = DynaTrainer(cfg, tmp_path)
+    trainer.replay = random_replay("wm/Catch-v0", 300, seed=0)
+    K, L, B = cfg.world_model.context, cfg.world_model.seq_len, cfg.batch_size
+    needed = -(-cfg.ppo.num_starts // (B * (L - K)))
+    slow_encoded = []
+    for _ in range(cfg.policy_start_updates):
+        batch = trainer.replay.sample(B, L, trainer.rng, torch.device("cpu"))
+        trainer.world_model_update(batch, None)
+        with torch.no_grad():
+            slow = WorldModel.windows(trainer.wm_slow.encode(batch.frames)[:, :-1], K)
+        assert trainer.starts is not None
+        slow_encoded.append(torch.allclose(trainer.starts[: len(slow)], slow))
+    assert slow_encoded == [False] * (cfg.policy_start_updates - needed) + [True] * needed
+    assert trainer.imagination_starts().shape[0] == cfg.ppo.num_starts
