@@ -54,7 +54,7 @@ def run_wm_agent(args: argparse.Namespace, seed: int, out: Path, console: Consol
         logger.close()
     seconds = time.time() - t0
     scores = evaluate(
-        trainer.wm,
+        trainer.wm_act,
         trainer.policy,
         cfg.env,
         args.episodes,

@@ -124,7 +124,13 @@ def preset(name: str) -> TrainConfig:
             world_model=_small_world_model(64, 2, 2, (32, 16, 8), context=4, pred_steps=3),
             optim=OptimConfig(lr=1e-3),
             policy=PolicyConfig(history=3, hidden_dim=256),
-            ppo=PPOConfig(num_starts=128, entropy_coef=1e-2),
+            # Catch, seeds 0-2, 30,720 env steps: with the three settings marked (*) the last-100 return
+            # reached 0.9 at 17k / 14k / 19k env steps and evaluated at 0.98 / 0.96 / 0.92; without the
+            # slow copy, 26k / 21k / 27k and 0.94 / 0.58 / 0.86 (the policy followed the trained
+            # model's short-lived errors); without any of them, 28k / 16k / never and 0.94 / 0.88 / 0.90.
+            ppo=PPOConfig(num_starts=128, entropy_coef=1e-2, epochs=4),  # (*) epochs
+            head_rewarded_fraction=1.0,  # (*)
+            slow_world_model_decay=0.99,  # (*)
             warmup_steps=2_000,
             # The representation needs many hundreds of updates before it places ball and paddle
             # (measured on Catch); the policy waits for it (LESSONS.md: PPO exploits an uninformed model).

@@ -33,7 +33,7 @@ def test_catch_policy_rises_clearly_above_random(tmp_path: Path) -> None:
     cfg.env, cfg.steps, cfg.seed = "wm/Catch-v0", 20_000, 0
     trainer = DynaTrainer(cfg, tmp_path)
     train_quietly(trainer)
-    scores = evaluate(trainer.wm, trainer.policy, cfg.env, 100, 10_000, trainer.device)
+    scores = evaluate(trainer.wm_act, trainer.policy, cfg.env, 100, 10_000, trainer.device)
     random_mean = random_policy_mean()
     print(f"Catch after 20k steps: eval mean {np.mean(scores):.2f} over 100 episodes; random {random_mean:.2f}")
     assert np.mean(scores) > random_mean + 0.5
