@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
 
-def make_slow_copy(model: nn.Module) -> nn.Module:
+
+def make_slow_copy(model: M) -> M:
     """A frozen deep copy of ``model`` to be moved with :func:`ema_update_`."""
     slow = copy.deepcopy(model)
     slow.requires_grad_(False)
