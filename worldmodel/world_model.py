@@ -14,6 +14,7 @@ from worldmodel.batch import Batch
 from worldmodel.decoder import DecoderConfig, HybridConvTransformerDecoder
 from worldmodel.encoder import EncoderConfig, VideoViT
 from worldmodel.layers import RunningStandardizer
+from worldmodel.motion_map import MotionMapHead, arrival_map, spatial_cross_entropy
 from worldmodel.predictor import LatentDynamicsPredictor, PredictorConfig
 from worldmodel.reward_predictor import RewardConfig, RewardPredictor
 from worldmodel.twohot import make_bins, twohot, twohot_decode
@@ -51,6 +52,11 @@ class LossConfig:
     a seed whose imagination judged misses at only -0.24 to -0.62 (catches +0.38 to +0.90) stalled
     below the target. Off: on Catch (cpu preset, seeds 0-2) it took that seed to 0.9 and kept
     another from it, and evaluated at 0.79 on average against 0.91 without it."""
+    motion_map: float = 0.0
+    """Weight of the motion-map loss (``worldmodel/motion_map.py``): every latent places, as a
+    cross-entropy over coarse cells, where pixels brightened since the previous frame. 0 = off (no head)."""
+    motion_map_cells: int = 16
+    """The motion map is ``cells x cells`` (16: 4x4-pixel cells at 64x64)."""
     reward_bins: int = 65
     reward_limit: float = 8.0
     """Two-hot reward bins span [-limit, limit] in symlog space (symlog(3000) ~ 8)."""
@@ -161,6 +167,7 @@ class WorldModel(nn.Module):
         self.decoder = HybridConvTransformerDecoder(cfg.decoder)
         self.reward_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins}))
         self.cont_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": 1}))
+        self.motion_head = MotionMapHead(E, cfg.loss.motion_map_cells) if cfg.loss.motion_map > 0 else None
         self.register_buffer("reward_bins", make_bins(cfg.loss.reward_bins, cfg.loss.reward_limit), persistent=False)
         self.zero_bin = int(self.reward_bins.abs().argmin())
         # The heads learn with class-balanced weights, i.e. as if rewarded and unrewarded (terminal and
@@ -294,6 +301,18 @@ class WorldModel(nn.Module):
         w_now = 1 + lc.moving_pixel_weight * torch.maximum(move_now, fg_now)
         loss_next = (next_err * w_next).mean()
         loss_now = (now_err * w_now).mean()
+        loss_motion, motion_hit = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+        if self.motion_head is not None:
+            # Unlike the pixel losses this reaches the encoder with the same strength for a small, dim
+            # ball as for the paddle (issue 3: MSE weighting never put Breakout's ball in the latent).
+            target = arrival_map(
+                rearrange(x[:, :-1], "b t h w -> (b t) h w"),
+                rearrange(x[:, 1:], "b t h w -> (b t) h w"),
+                lc.moving_threshold,
+                lc.motion_map_cells,
+            )
+            logits = self.motion_head(rearrange(z[:, 1:], "b t e -> (b t) e"))
+            loss_motion, motion_hit = spatial_cross_entropy(logits, target)
 
         # The predictor must land where the encoder would put the real next frame: imagination feeds
         # predicted latents back in as context. This term trains the predictor only (context and target
@@ -359,6 +378,7 @@ class WorldModel(nn.Module):
             + lc.open_loop * loss_open
             + lc.reward * loss_reward
             + lc.cont * loss_cont
+            + lc.motion_map * loss_motion
         )
         with torch.no_grad():
             moving = move_next > 0
@@ -396,4 +416,7 @@ class WorldModel(nn.Module):
                 "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
                 "world_model/cont_acc": cont_ok.float().mean(),
             }
+            if self.motion_head is not None:
+                metrics["world_model/motion_map_loss"] = loss_motion.detach()
+                metrics["world_model/motion_map_hit"] = motion_hit
         return loss, metrics, z.detach()
