@@ -31,7 +31,7 @@ def test_spatial_cross_entropy_matches_a_plain_loop_and_skips_still_frames() -> 
     target[3, logits[3].argmax()] = 1  # row 3's most likely cell is its target: a hit
     loss, hit = spatial_cross_entropy(logits, target)
     expected, hits = [], []
-    for row, tgt in zip(logits, target):
+    for row, tgt in zip(logits, target, strict=True):
         cells = tgt.nonzero().flatten().tolist()
         if not cells:  # row 1: nothing moved
             continue
