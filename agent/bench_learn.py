@@ -92,7 +92,10 @@ def run_sb3(args: argparse.Namespace, seed: int) -> dict:
     }
 
 
-def plot_curves(results: list[dict], path: Path, title: str, threshold: float | None) -> None:
+def plot_curves(
+    results: list[dict], path: Path, title: str, threshold: float | None, random_level: float | None = None
+) -> None:
+    """Last-100 curves of each result's ``wm_agent`` and (when present) ``sb3_ppo`` entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,12 +104,16 @@ def plot_curves(results: list[dict], path: Path, title: str, threshold: float | 
     fig, ax = plt.subplots(figsize=(8, 4))
     for agent, color in (("wm_agent", "tab:blue"), ("sb3_ppo", "tab:orange")):
         for i, r in enumerate(results):
+            if agent not in r:
+                continue
             label = ("wm-agent" if agent == "wm_agent" else "SB3 PPO") if i == 0 else None
             first = 99 if len(r[agent]["curve_steps"]) > 100 else 0  # from the first full 100-episode window
             xs, ys = r[agent]["curve_steps"][first:], r[agent]["curve_last100"][first:]
             ax.plot(xs, ys, color=color, alpha=0.8, label=label)
     if threshold is not None:
         ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"threshold {threshold}")
+    if random_level is not None:
+        ax.axhline(random_level, color="gray", ls=":", lw=1.0, label=f"random play {random_level}")
     ax.set_xlabel("env steps")
     ax.set_ylabel("mean return, last 100 training episodes")
     ax.set_title(title)

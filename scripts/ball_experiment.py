@@ -124,15 +124,21 @@ def main() -> None:
     L = cfg.world_model.seq_len
     t_train = 0.0
     rows = []
+    since_probe: dict[str, list[float]] = {}  # training metrics of the motion-map head since the last probe
     for i in range(args.updates + 1):
         if i % args.probe_every == 0:
             row = {"updates": i, "train_s": round(t_train, 1), **evaluate(wm, frames, pos, in_play)}
+            row |= {f"train_{k.split('/')[-1]}": float(np.mean(v)) for k, v in since_probe.items()}
+            since_probe = {}
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         if i == args.updates:
             break
         t1 = time.time()
-        trainer.update(buf.sample(cfg.batch_size, L, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction))
+        metrics, _ = trainer.update(buf.sample(cfg.batch_size, L, rng, "cpu", rewarded_fraction=cfg.rewarded_fraction))
+        for k, v in metrics.items():
+            if "motion_map" in k:
+                since_probe.setdefault(k, []).append(float(v))
         t_train += time.time() - t1
     if args.png:
         save_grid(wm, frames, in_play, args.png)
