@@ -39,7 +39,6 @@ class MotionMapHead(nn.Module):
 
     def __init__(self, embed_dim: int, cells: int, hidden_dim: int = 256) -> None:
         super().__init__()
-        self.cells = cells
         self.net = nn.Sequential(
             nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, cells * cells)
         )

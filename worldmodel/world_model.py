@@ -301,7 +301,7 @@ class WorldModel(nn.Module):
         w_now = 1 + lc.moving_pixel_weight * torch.maximum(move_now, fg_now)
         loss_next = (next_err * w_next).mean()
         loss_now = (now_err * w_now).mean()
-        loss_motion, motion_hit = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+        loss_motion = x.new_zeros(())
         if self.motion_head is not None:
             # Unlike the pixel losses this reaches the encoder with the same strength for a small, dim
             # ball as for the paddle (issue 3: MSE weighting never put Breakout's ball in the latent).
