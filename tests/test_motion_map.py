@@ -67,3 +67,11 @@ def test_motion_map_loss_reaches_the_encoder_and_stays_one_graph() -> None:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     traced = torch.compile(wm.loss_and_latents, fullgraph=True, backend="eager")
     torch.testing.assert_close(traced(batch)[0], wm.loss_and_latents(batch)[0])
+
+
+@pytest.mark.parametrize(("field", "value"), [("motion_map", -1.0), ("motion_map_cells", 0), ("motion_map_cells", 65)])
+def test_bad_motion_map_settings_fail_at_construction(field: str, value: float) -> None:
+    cfg = preset("debug").world_model
+    setattr(cfg.loss, field, value)
+    with pytest.raises(ValueError, match="motion_map"):
+        WorldModel(cfg, num_actions=3)

@@ -158,6 +158,13 @@ class WorldModel(nn.Module):
                 raise ValueError(f"{name}.embed_dim={sub.embed_dim} must equal encoder.embed_dim={E}")
         if cfg.loss.foreground not in ("batch", "sequence"):
             raise ValueError(f"loss.foreground must be 'batch' or 'sequence', got {cfg.loss.foreground!r}")
+        if cfg.loss.motion_map < 0 or cfg.loss.motion_map_cells < 1 or cfg.loss.motion_map_cells > cfg.encoder.frame_size:
+            raise ValueError(
+                f"loss.motion_map must be >= 0 (0 = off) and loss.motion_map_cells in 1..{cfg.encoder.frame_size}, "
+                f"got {cfg.loss.motion_map} and {cfg.loss.motion_map_cells}"
+            )
+        if cfg.pixel_gain < 1.0:
+            raise ValueError(f"pixel_gain must be >= 1 (pixels are scaled up and clipped at 1), got {cfg.pixel_gain}")
         if cfg.context > cfg.predictor.max_context:
             raise ValueError(f"context {cfg.context} exceeds predictor.max_context {cfg.predictor.max_context}")
         self.cfg = cfg
