@@ -158,7 +158,7 @@ class WorldModel(nn.Module):
                 raise ValueError(f"{name}.embed_dim={sub.embed_dim} must equal encoder.embed_dim={E}")
         if cfg.loss.foreground not in ("batch", "sequence"):
             raise ValueError(f"loss.foreground must be 'batch' or 'sequence', got {cfg.loss.foreground!r}")
-        if cfg.loss.motion_map < 0 or cfg.loss.motion_map_cells < 1 or cfg.loss.motion_map_cells > cfg.encoder.frame_size:
+        if cfg.loss.motion_map < 0 or not 1 <= cfg.loss.motion_map_cells <= cfg.encoder.frame_size:
             raise ValueError(
                 f"loss.motion_map must be >= 0 (0 = off) and loss.motion_map_cells in 1..{cfg.encoder.frame_size}, "
                 f"got {cfg.loss.motion_map} and {cfg.loss.motion_map_cells}"
