@@ -345,8 +345,11 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from agent.cli import parse_config, validate_config
+
     console = Console()
-    cfg = preset(args.preset)
+    cfg = parse_config(args.overrides, preset(args.preset), "config overrides, as for wm-agent train")
+    validate_config(cfg)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
 
@@ -380,6 +383,7 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
             "env": args.env,
             "updates": args.updates,
             "preset": args.preset,
+            "overrides": args.overrides,
             "data_steps": args.data_steps,
             "train_seconds": time.time() - t0,
             "next_frame_mse": float((pred - real).square().mean()),
@@ -440,8 +444,12 @@ def bench_main(argv: list[str], device_of) -> int:
     w.add_argument("--device", default="auto")
     w.add_argument("--threads", type=int, default=0)
     w.add_argument("--out-dir", default="runs/world_model_check")
+    w.epilog = "Any config flag of 'wm-agent train' (e.g. --world-model.pixel-gain 3) overrides the preset."
     add_learn_parser(sub)
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)
+    if overrides and args.what != "world-model":
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = device_of(args.device)

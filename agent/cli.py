@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.checkpoint import CheckpointError
-from agent.config import PRESETS, TrainConfig, preset, to_dict
+from agent.config import PRESETS, TrainConfig, UsageError, preset, to_dict
 from agent.dyna import (
     DeviceError,
     DynaTrainer,
@@ -48,10 +48,6 @@ Run 'wm-agent <command> --help' for a command's options.
 """
 
 
-class UsageError(ValueError):
-    """Bad input on the command line."""
-
-
 def _fail(msg: str, code: int = 2) -> int:
     Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     return code
@@ -66,7 +62,8 @@ def default_run_dir(cfg: TrainConfig, name: str) -> Path:
     return Path("runs") / f"{cfg.env.replace('/', '_')}__{name}__{cfg.seed}__{stamp}"
 
 
-def _validate(cfg: TrainConfig) -> None:
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject settings that would fail deep inside a run, naming the flag (raises :class:`UsageError`)."""
     if cfg.steps <= 0:
         raise UsageError(f"--steps must be positive, got {cfg.steps}")
     if cfg.num_envs <= 0:
@@ -199,7 +196,7 @@ def train_main(argv: list[str]) -> int:
                 f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, or choose another --run-dir"
             )
     try:
-        _validate(cfg)
+        validate_config(cfg)
     except UsageError as e:
         return _fail(str(e))
     holder: dict[str, DynaTrainer | None] = {"trainer": None}
@@ -471,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return bench_main(rest, resolve_device)
-        except (DeviceError, EnvSpecError) as e:
+        except (DeviceError, EnvSpecError, UsageError) as e:
             return _fail(str(e))
     return _fail(f"unknown command {cmd!r}; run 'wm-agent --help'")
 

@@ -17,6 +17,11 @@ from worldmodel.world_model import WorldModelConfig
 PRESETS = ("debug", "cpu", "atari100k")
 
 
+class UsageError(ValueError):
+    """Bad input on the command line (defined here, not in ``agent.cli``, so that ``python -m agent.cli``
+    and the modules it calls raise and catch one class)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything one ``wm-agent train`` run needs. Env steps count agent steps summed over all env copies."""

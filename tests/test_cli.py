@@ -140,3 +140,19 @@ def test_bench_learn_writes_both_agents(tmp_path: Path) -> None:
         assert a["eval_mean"] == sum(a["eval_returns"]) / 3
         assert len(a["curve_steps"]) == len(a["curve_last100"]) > 0 and "steps_to_threshold" in a
     assert (tmp_path / "learn.png").stat().st_size > 0
+
+
+def test_bench_world_model_takes_config_overrides(tmp_path: Path) -> None:
+    common = ["bench", "world-model", "--env", "wm/Catch-v0", "--preset", "debug", "--device", "cpu", "--threads", "1"]
+    out = run(
+        *common, "--updates", "2", "--data-steps", "600", "--out-dir", str(tmp_path),
+        "--world-model.loss.motion-map", "1.0",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "world_model_check.json").read_text())
+    assert res["overrides"] == ["--world-model.loss.motion-map", "1.0"] and res["updates"] == 2
+    assert "motion_map_loss" in res and res["next_frame_mse"] >= 0 and res["copy_last_mse"] >= 0
+    assert (tmp_path / "world_model_check.png").stat().st_size > 0
+    bad = run(*common, "--world-model.pixel-gain", "0.5")
+    assert bad.returncode == 2 and "--world-model.pixel-gain must be >= 1" in bad.stderr
+    assert "Traceback" not in bad.stderr
