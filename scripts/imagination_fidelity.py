@@ -46,7 +46,8 @@ def fidelity(
 ) -> dict[str, float]:
     """Per depth ``d``: accuracy on rewarded steps (all / positive / negative), mean predicted reward on
     positive and negative ones and mean continue probability there, after ``d`` open-loop steps from
-    real context; ``real_pairs_acc`` is the heads' accuracy on real latents."""
+    real context; the same accuracy and mean on unrewarded steps (``_zero``); ``real_pairs_acc`` is
+    the heads' accuracy on real latents."""
     wm.eval()
     K = wm.cfg.context
     out: dict[str, float] = {}
@@ -66,6 +67,16 @@ def fidelity(
             window = torch.cat([window[:, 1:], pred.latent], dim=1)
         ok = (pred.reward - r).abs() < 0.5
         out[f"d{d}_acc"] = float(ok[keep].float().mean())
+        # The same depth from windows that end on an unrewarded step: a reward head that calls
+        # everything rewarded would score well above and tell the policy nothing.
+        plain = buf.sample(n, K + d, rng, rewarded_fraction=0.0)
+        quiet = plain.rewards[:, -1] == 0
+        w0 = wm.encode(plain.frames[:, :K])
+        for i in range(d):
+            p0 = wm.imagine_step(w0, plain.actions[:, K - 1 + i])
+            w0 = torch.cat([w0[:, 1:], p0.latent], dim=1)
+        out[f"d{d}_acc_zero"] = float((p0.reward[quiet].abs() < 0.5).float().mean())
+        out[f"d{d}_mean_zero"] = float(p0.reward[quiet].mean())
         out[f"d{d}_acc_pos"] = float(ok[keep & (r > 0)].float().mean())
         out[f"d{d}_acc_neg"] = float(ok[keep & (r < 0)].float().mean())
         out[f"d{d}_mean_pos"] = float(pred.reward[keep & (r > 0)].mean())
