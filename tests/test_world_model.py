@@ -262,3 +262,21 @@ def test_sign_balance_gives_a_rare_reward_sign_as_much_weight_as_the_common_one(
     batch = catch_replay.sample(8, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
     traced = torch.compile(wm.loss_and_latents, fullgraph=True, backend="eager")
     torch.testing.assert_close(traced(batch)[0], wm.loss_and_latents(batch)[0])
+
+
+def test_paid_reward_metrics_read_the_calibrated_head(catch_replay) -> None:
+    """At a balanced prior the calibrated head is the trained one; at a sparse prior it pays less on
+    unrewarded steps (the zero bin gains the prior's log-odds), and the metrics follow."""
+    torch.manual_seed(0)
+    wm = WorldModel(small_cfg(), num_actions=3).eval()
+    logits = torch.randn(5, wm.reward_bins.numel())
+    wm.set_base_rates(0.5, 0.5)
+    assert torch.allclose(wm.calibrate_reward(logits), logits)
+    batch = catch_replay.sample(8, wm.cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+    with torch.no_grad():
+        balanced = wm.compute_loss(batch)[1]
+        wm.set_base_rates(0.001, 0.5)
+        sparse = wm.compute_loss(batch)[1]
+    assert sparse["world_model/reward_paid_abs_unrewarded"] < balanced["world_model/reward_paid_abs_unrewarded"]
+    assert sparse["world_model/reward_acc_rewarded"] == balanced["world_model/reward_acc_rewarded"]
+    assert torch.isfinite(sparse["world_model/reward_paid_share_rewarded"])

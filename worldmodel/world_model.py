@@ -239,10 +239,15 @@ class WorldModel(nn.Module):
     def calibrated_heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`heads` with logits shifted from the balanced training prior to ``base_rates``."""
         rew_logits, cont_logit = self.heads(z_t, z_next)
-        rewarded, terminal = self.base_rates[0], self.base_rates[1]
+        terminal = self.base_rates[1]
+        return self.calibrate_reward(rew_logits), cont_logit + torch.log((1 - terminal) / terminal)
+
+    def calibrate_reward(self, rew_logits: torch.Tensor) -> torch.Tensor:
+        """Reward logits ``[N, bins]`` of the balanced training prior -> logits at the real data's rewarded fraction."""
+        rewarded = self.base_rates[0]
         shift = torch.zeros_like(self.reward_bins)
         shift[self.zero_bin] = torch.log((1 - rewarded) / rewarded)
-        return rew_logits + shift, cont_logit + torch.log((1 - terminal) / terminal)
+        return rew_logits + shift
 
     @torch.no_grad()
     def imagine_step(self, window: torch.Tensor, action: torch.Tensor) -> Prediction:
@@ -401,6 +406,12 @@ class WorldModel(nn.Module):
             rew_hat = twohot_decode(rew_logits[:n], self.reward_bins)
             rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
             n_rew = rewarded.sum()
+            # The accuracies above read the balanced heads; imagination reads them calibrated to the real
+            # rewarded fraction, which on a sparse game (Breakout: ~0.3% of random-policy steps) pays a
+            # small share of a true reward even where the balanced head is right.
+            paid = twohot_decode(self.calibrate_reward(rew_logits[:n]), self.reward_bins)
+            share = (paid / rew.where(rewarded, torch.ones_like(rew)) * rewarded).sum() / n_rew.clamp(min=1)
+            n_quiet = (~rewarded).sum().clamp(min=1)
             ended = cont < 0.5
             cont_ok = (cont_logit[:n] > 0) == (cont > 0.5)
             metrics = {
@@ -418,7 +429,9 @@ class WorldModel(nn.Module):
                 "world_model/reward_acc": rew_ok.float().mean(),
                 "world_model/reward_acc_rewarded": (rew_ok & rewarded).sum() / n_rew.clamp(min=1),
                 "world_model/reward_acc_rewarded_open_loop": open_acc_rewarded,
-                "world_model/reward_acc_unrewarded": (rew_ok & ~rewarded).sum() / (~rewarded).sum().clamp(min=1),
+                "world_model/reward_acc_unrewarded": (rew_ok & ~rewarded).sum() / n_quiet,
+                "world_model/reward_paid_share_rewarded": share,
+                "world_model/reward_paid_abs_unrewarded": (paid.abs() * ~rewarded).sum() / n_quiet,
                 "world_model/rewarded_fraction": rewarded.float().mean(),
                 "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
                 "world_model/cont_acc": cont_ok.float().mean(),
