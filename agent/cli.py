@@ -90,6 +90,11 @@ def validate_config(cfg: TrainConfig) -> None:
             f"--world-model.loss.motion-map must be >= 0 (0 = off) and --world-model.loss.motion-map-cells in "
             f"1..{cfg.world_model.encoder.frame_size}, got {wl.motion_map} and {wl.motion_map_cells}"
         )
+    if wl.motion_map_predicted < 0 or (wl.motion_map_predicted > 0 and wl.motion_map <= 0):
+        raise UsageError(
+            "--world-model.loss.motion-map-predicted must be >= 0, "
+            "and above 0 only with --world-model.loss.motion-map > 0"
+        )
     if cfg.world_model.pixel_gain < 1.0:
         raise UsageError(f"--world-model.pixel-gain must be >= 1, got {cfg.world_model.pixel_gain}")
     if cfg.world_model.context < 1 or cfg.world_model.pred_steps < 1:

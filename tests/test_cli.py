@@ -46,6 +46,7 @@ def test_train_help_documents_fields() -> None:
         (["--world-model.loss.motion-map", "-1"], "--world-model.loss.motion-map must be >= 0"),
         (["--world-model.loss.motion-map-cells", "0"], "motion-map-cells in 1..64"),
         (["--world-model.pixel-gain", "0.5"], "--world-model.pixel-gain must be >= 1"),
+        (["--world-model.loss.motion-map-predicted", "1"], "only with --world-model.loss.motion-map > 0"),
         (["--no-such-field", "1"], "no-such-field"),
         (["--steps", "many"], "many"),
         (["--device", "cuda"], None),

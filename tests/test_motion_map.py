@@ -75,3 +75,28 @@ def test_bad_motion_map_settings_fail_at_construction(field: str, value: float) 
     setattr(cfg.loss, field, value)
     with pytest.raises(ValueError, match="motion_map"):
         WorldModel(cfg, num_actions=3)
+
+
+def test_predicted_motion_map_trains_the_predictor_only() -> None:
+    """The open-loop term reaches the predictor; the head reads it with fixed weights and the chain
+    starts from detached context, so the head's and the encoder's gradients are those without it."""
+    replay = random_replay("wm/Catch-v0", steps=600, num_envs=4, seed=0)
+    cfg = preset("debug").world_model
+    cfg.loss.motion_map = 1.0
+    batch = replay.sample(8, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+
+    def grads(weight: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        cfg.loss.motion_map_predicted = weight
+        torch.manual_seed(0)
+        wm = WorldModel(cfg, num_actions=3)
+        loss, metrics = wm.compute_loss(batch)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in wm.named_parameters() if p.grad is not None}, metrics
+
+    off, metrics_off = grads(0.0)
+    on, metrics_on = grads(1.0)
+    assert "world_model/motion_map_predicted_loss" not in metrics_off
+    assert metrics_on["world_model/motion_map_predicted_loss"] > 0
+    for name in off:
+        same = torch.allclose(off[name], on[name])
+        assert same != name.startswith("predictor."), name
