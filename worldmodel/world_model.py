@@ -429,7 +429,8 @@ class WorldModel(nn.Module):
             n_rew = rewarded.sum()
             # The accuracies above read the balanced heads; imagination reads them calibrated to the real
             # rewarded fraction, which on a sparse game (Breakout: ~0.3% of random-policy steps) pays a
-            # small share of a true reward even where the balanced head is right.
+            # small share of a true reward even where the balanced head is right. (The Dyna loop sets the
+            # rates once the policy starts; until then both read the balanced head.)
             paid = twohot_decode(self.calibrate_reward(rew_logits[:n]), self.reward_bins)
             share = (paid / rew.where(rewarded, torch.ones_like(rew)) * rewarded).sum() / n_rew.clamp(min=1)
             n_quiet = (~rewarded).sum().clamp(min=1)
