@@ -104,8 +104,11 @@ class RunLogger:
         parts = []
         for key, label in (
             ("charts/episode_return", "return"),
+            ("charts/return_last100", "last100"),
             ("world_model/loss", "wm"),
             ("world_model/reward_acc_rewarded", "rew_acc"),
+            # what imagination pays for a true reward (rew_acc reads the class-balanced head)
+            ("world_model/reward_paid_share_rewarded", "paid"),
             ("imagination/return", "imag"),
             ("policy/entropy", "ent"),
         ):

@@ -104,3 +104,19 @@ def test_watch_compares_each_prediction_with_the_frame_it_predicts() -> None:
             assert np.array_equal(ol.last_context[i], frames[t - ol.step_in_segment[i]]), i
             i += 1
     assert i == len(ol.real) == 30 and len(ol.segment_starts) == 3
+
+
+def test_status_line_shows_the_last100_mean_and_the_paid_reward(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from agent.logger import RunLogger
+
+    logger = RunLogger(tmp_path, 100, console=Console(quiet=True), tensorboard=False)
+    logger.last = {
+        "charts/episode_return": 3.0,
+        "charts/return_last100": 1.25,
+        "world_model/reward_acc_rewarded": 0.9,
+        "world_model/reward_paid_share_rewarded": 0.16,
+    }
+    assert logger.status_line() == "return 3 last100 1.25 rew_acc 0.9 paid 0.16"
+    logger.close()
