@@ -37,7 +37,16 @@ from agent.dyna import load_agent  # noqa: E402
 from agent.replay import ReplayBuffer, random_replay  # noqa: E402
 from worldmodel.trainer import WorldModelTrainer  # noqa: E402
 from worldmodel.twohot import twohot_decode  # noqa: E402
-from worldmodel.world_model import WorldModel  # noqa: E402
+from worldmodel.world_model import Prediction, WorldModel  # noqa: E402
+
+
+def open_loop(wm: WorldModel, window: torch.Tensor, actions: torch.Tensor, d: int) -> tuple[Prediction, torch.Tensor]:
+    """``d`` imagined steps from the latent ``window [n, K, E]`` under ``actions [n, >=d]``: the last
+    step's prediction and the window that ends with it."""
+    for i in range(d):
+        pred = wm.imagine_step(window, actions[:, i])
+        window = torch.cat([window[:, 1:], pred.latent], dim=1)
+    return pred, window
 
 
 @torch.no_grad()
@@ -61,20 +70,14 @@ def fidelity(
             hat = twohot_decode(rew_logits, wm.reward_bins)
             ok = (hat - r).abs() < 0.5
             out["real_pairs_acc"] = float(ok[keep].float().mean())
-        window = z[:, :K]
-        for i in range(d):
-            pred = wm.imagine_step(window, batch.actions[:, K - 1 + i])
-            window = torch.cat([window[:, 1:], pred.latent], dim=1)
+        pred, window = open_loop(wm, z[:, :K], batch.actions[:, K - 1 :], d)
         ok = (pred.reward - r).abs() < 0.5
         out[f"d{d}_acc"] = float(ok[keep].float().mean())
         # The same depth from windows that end on an unrewarded step: a reward head that calls
         # everything rewarded would score well above and tell the policy nothing.
         plain = buf.sample(n, K + d, rng, rewarded_fraction=0.0)
         quiet = plain.rewards[:, -1] == 0
-        w0 = wm.encode(plain.frames[:, :K])
-        for i in range(d):
-            p0 = wm.imagine_step(w0, plain.actions[:, K - 1 + i])
-            w0 = torch.cat([w0[:, 1:], p0.latent], dim=1)
+        p0, _ = open_loop(wm, wm.encode(plain.frames[:, :K]), plain.actions[:, K - 1 :], d)
         out[f"d{d}_acc_zero"] = float((p0.reward[quiet].abs() < 0.5).float().mean())
         out[f"d{d}_mean_zero"] = float(p0.reward[quiet].mean())
         out[f"d{d}_acc_pos"] = float(ok[keep & (r > 0)].float().mean())

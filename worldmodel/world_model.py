@@ -351,12 +351,8 @@ class WorldModel(nn.Module):
         loss_open = open_err.mean()
         loss_motion_pred = x.new_zeros(())
         if self.motion_head is not None and lc.motion_map_predicted > 0:
-            target_pred = arrival_map(
-                rearrange(x[:, K - 1 : K - 1 + P], "b p h w -> (b p) h w"),
-                rearrange(x[:, K : K + P], "b p h w -> (b p) h w"),
-                lc.moving_threshold,
-                lc.motion_map_cells,
-            )
+            # The open-loop chain predicts frames K..K+P-1: the last P of the L-1 arrivals above.
+            target_pred = rearrange(rearrange(target, "(b t) c -> b t c", b=B)[:, K - 1 :], "b p c -> (b p) c")
             head_weights = {name: w.detach() for name, w in self.motion_head.named_parameters()}
             logits_pred = torch.func.functional_call(
                 self.motion_head, head_weights, (rearrange(z_open, "b p e -> (b p) e"),)
