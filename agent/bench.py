@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
-from agent.config import PRESETS, preset
+from agent.config import PRESETS, UsageError, preset
 from agent.policy import ActorCritic
 from agent.ppo import PPO
 from agent.replay import ReplayBuffer, random_replay
@@ -348,15 +348,29 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     from agent.cli import parse_config, validate_config
 
     console = Console()
-    cfg = parse_config(args.overrides, preset(args.preset), "config overrides, as for wm-agent train")
-    validate_config(cfg)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
+    checkpoint_steps = None
+    if args.checkpoint is not None:
+        from agent.dyna import load_agent
 
-    train_buf = random_replay(args.env, args.data_steps, 8, args.seed, rng)
+        if args.overrides:
+            raise UsageError(f"--checkpoint measures the run's own world model; drop {' '.join(args.overrides)}")
+        loaded = load_agent(args.checkpoint, device, warn=lambda msg: console.print(msg, highlight=False))
+        cfg, wm, checkpoint_steps = loaded.cfg, loaded.wm, loaded.env_steps
+        args.env = args.env or cfg.env
+        if args.env != cfg.env:
+            raise UsageError(f"the checkpoint's world model was trained on {cfg.env}, not {args.env}")
+        args.updates = 0
+    else:
+        cfg = parse_config(args.overrides, preset(args.preset), "config overrides, as for wm-agent train")
+        validate_config(cfg)
+        args.env = args.env or "ALE/Breakout-v5"
+        wm = WorldModel(cfg.world_model, num_actions=make_env(args.env).num_actions).to(device)
     test_buf = random_replay(args.env, 4_000, 8, args.seed + 1, rng)
-    wm = WorldModel(cfg.world_model, num_actions=make_env(args.env).num_actions).to(device)
-    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
+    if args.updates > 0:
+        train_buf = random_replay(args.env, args.data_steps, 8, args.seed, rng)
+        trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
     L = cfg.world_model.seq_len
     t0 = time.time()
     for i in range(args.updates):
@@ -377,17 +391,25 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
         pred = wm.predict_next_frame(test.frames[:, :K], test.actions[:, K - 1])
     real = wm.to_float(test.frames[:, K])
     last = wm.to_float(test.frames[:, K - 1])
+    changed = (real - last).abs() > cfg.world_model.loss.moving_threshold
     result = {k.split("/")[1]: float(v) for k, v in m.items()}
     result.update(
         {
             "env": args.env,
             "updates": args.updates,
-            "preset": args.preset,
+            "preset": args.preset if args.checkpoint is None else None,
             "overrides": args.overrides,
+            "checkpoint": None if args.checkpoint is None else str(loaded.checkpoint),
+            "checkpoint_env_steps": checkpoint_steps,
             "data_steps": args.data_steps,
             "train_seconds": time.time() - t0,
             "next_frame_mse": float((pred - real).square().mean()),
             "copy_last_mse": float((last - real).square().mean()),
+            # The whole-frame MSE split into the pixels that change from the last frame and those that do
+            # not (where copying the last frame is all but exact): the two parts sum to the whole.
+            "next_frame_mse_changed_part": float(((pred - real).square() * changed).mean()),
+            "next_frame_mse_unchanged_part": float(((pred - real).square() * ~changed).mean()),
+            "copy_last_mse_changed_part": float(((last - real).square() * changed).mean()),
         }
     )
     out_dir = Path(args.out_dir)
@@ -405,12 +427,16 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
                 axes[i, j].set_title(title)
     fig.tight_layout()
     fig.savefig(out_dir / "world_model_check.png", dpi=100)
-    table = Table(title=f"{args.env}: world model after {args.updates} updates (held-out random-policy data)")
+    source = f"after {args.updates} updates" if args.checkpoint is None else f"of {loaded.checkpoint}"
+    table = Table(title=f"{args.env}: world model {source} (held-out random-policy data)")
     table.add_column("what")
     table.add_column("value", justify="right")
     for key in (
         "next_frame_mse",
         "copy_last_mse",
+        "next_frame_mse_changed_part",
+        "next_frame_mse_unchanged_part",
+        "copy_last_mse_changed_part",
         "next_frame_mse_moving",
         "copy_last_mse_moving",
         "reward_acc_rewarded",
@@ -435,8 +461,17 @@ def bench_main(argv: list[str], device_of) -> int:
     s.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 world-model updates on CUDA too")
     s.add_argument("--compile", action="store_true", help="torch.compile the world-model loss before timing it")
     s.add_argument("--out", default=None, help="JSON file for the figures")
-    w = sub.add_parser("world-model", help="train a world model on random-policy data, compare with copy-last-frame")
-    w.add_argument("--env", default="ALE/Breakout-v5")
+    w = sub.add_parser(
+        "world-model",
+        help="train a world model on random-policy data (or read a run's), compare with copy-last-frame",
+    )
+    w.add_argument("--env", default=None, help="default: ALE/Breakout-v5, or the checkpoint's env")
+    w.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="measure this run's world model (a run dir, checkpoint dir or state.pt) instead of training one",
+    )
     w.add_argument("--preset", default="cpu", choices=PRESETS)
     w.add_argument("--updates", type=int, default=1000)
     w.add_argument("--data-steps", type=int, default=20_000)

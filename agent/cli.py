@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return bench_main(rest, resolve_device)
-        except (DeviceError, EnvSpecError, UsageError) as e:
+        except (DeviceError, EnvSpecError, UsageError, CheckpointError) as e:
             return _fail(str(e))
     return _fail(f"unknown command {cmd!r}; run 'wm-agent --help'")
 

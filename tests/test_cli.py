@@ -103,6 +103,22 @@ def test_train_then_eval_on_catch(tmp_path: Path) -> None:
     assert abs(res["mean"] - sum(res["returns"]) / 6) < 1e-9
     assert res["env_steps_trained"] == 400 and res["hns"] is None
 
+    bench = ["bench", "world-model", "--checkpoint", str(run_dir), "--device", "cpu", "--threads", "1"]
+    wm = run(*bench, "--out-dir", str(tmp_path / "wm"))
+    assert wm.returncode == 0, wm.stderr[-2000:]
+    res = json.loads((tmp_path / "wm" / "world_model_check.json").read_text())
+    assert res["env"] == "wm/Catch-v0" and res["checkpoint_env_steps"] == 400 and res["updates"] == 0
+    parts = res["next_frame_mse_changed_part"] + res["next_frame_mse_unchanged_part"]
+    assert abs(parts - res["next_frame_mse"]) < 1e-6 * max(1.0, res["next_frame_mse"])
+    # Unchanged pixels differ from the last frame by at most the moving threshold (0.05).
+    assert 0 <= res["copy_last_mse"] - res["copy_last_mse_changed_part"] <= 0.05**2
+    for extra, message in (
+        (["--world-model.pixel-gain", "2"], "measures the run's own world model"),
+        (["--env", "ALE/Pong-v5"], "trained on wm/Catch-v0"),
+    ):
+        bad = run(*bench, *extra)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
 
 def test_eval_of_a_missing_run_fails_cleanly(tmp_path: Path) -> None:
     out = run("eval", str(tmp_path / "nothing"))
