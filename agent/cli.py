@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -84,21 +85,11 @@ def validate_config(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.checkpoint_every < 0 or cfg.image_every < 0 or cfg.warmup_steps < 0:
         raise UsageError("--checkpoint-every, --image-every and --warmup-steps must not be negative")
-    wl = cfg.world_model.loss
-    if wl.motion_map < 0 or not 1 <= wl.motion_map_cells <= cfg.world_model.encoder.frame_size:
-        raise UsageError(
-            f"--world-model.loss.motion-map must be >= 0 (0 = off) and --world-model.loss.motion-map-cells in "
-            f"1..{cfg.world_model.encoder.frame_size}, got {wl.motion_map} and {wl.motion_map_cells}"
-        )
-    if wl.motion_map_predicted < 0 or (wl.motion_map_predicted > 0 and wl.motion_map <= 0):
-        raise UsageError(
-            "--world-model.loss.motion-map-predicted must be >= 0, "
-            "and above 0 only with --world-model.loss.motion-map > 0"
-        )
-    if cfg.world_model.pixel_gain < 1.0:
-        raise UsageError(f"--world-model.pixel-gain must be >= 1, got {cfg.world_model.pixel_gain}")
-    if cfg.world_model.context < 1 or cfg.world_model.pred_steps < 1:
-        raise UsageError("--world-model.context and --world-model.pred-steps must be at least 1")
+    try:
+        cfg.world_model.validate()
+    except ValueError as e:
+        flag = re.sub(r"`([\w.]+)`", lambda m: "--world-model." + m.group(1).replace("_", "-"), str(e))
+        raise UsageError(flag) from None
     if cfg.replay_capacity // cfg.num_envs < cfg.world_model.seq_len:
         raise UsageError(
             f"--replay-capacity {cfg.replay_capacity} cannot hold sequences of "

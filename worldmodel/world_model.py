@@ -97,6 +97,34 @@ class WorldModelConfig:
     def seq_len(self) -> int:
         return self.context + self.pred_steps
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings the world model cannot use; fields are named as backticked
+        config paths (the CLI turns them into its flags)."""
+        E = self.encoder.embed_dim
+        for name, sub in (("predictor", self.predictor), ("decoder", self.decoder), ("reward", self.reward)):
+            if sub.embed_dim != E:
+                raise ValueError(f"`{name}.embed_dim` ({sub.embed_dim}) must equal `encoder.embed_dim` ({E})")
+        loss = self.loss
+        if loss.foreground not in ("batch", "sequence"):
+            raise ValueError(f"`loss.foreground` must be 'batch' or 'sequence', got {loss.foreground!r}")
+        if loss.motion_map < 0 or not 1 <= loss.motion_map_cells <= self.encoder.frame_size:
+            raise ValueError(
+                f"`loss.motion_map` must be >= 0 (0 = off) and `loss.motion_map_cells` in "
+                f"1..{self.encoder.frame_size}, got {loss.motion_map} and {loss.motion_map_cells}"
+            )
+        if loss.motion_map_predicted < 0 or (loss.motion_map_predicted > 0 and loss.motion_map <= 0):
+            raise ValueError("`loss.motion_map_predicted` must be >= 0, and above 0 only with `loss.motion_map` > 0")
+        if self.pixel_gain < 1.0:
+            raise ValueError(
+                f"`pixel_gain` must be >= 1 (pixels are scaled up and clipped at 1), got {self.pixel_gain}"
+            )
+        if self.context < 1 or self.pred_steps < 1:
+            raise ValueError(f"`context` and `pred_steps` must be at least 1, got {self.context} and {self.pred_steps}")
+        if self.context > self.predictor.max_context:
+            raise ValueError(
+                f"`context` ({self.context}) exceeds `predictor.max_context` ({self.predictor.max_context})"
+            )
+
 
 @dataclass
 class Prediction:
@@ -157,23 +185,8 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg: WorldModelConfig, num_actions: int) -> None:
         super().__init__()
+        cfg.validate()
         E = cfg.encoder.embed_dim
-        for name, sub in (("predictor", cfg.predictor), ("decoder", cfg.decoder), ("reward", cfg.reward)):
-            if sub.embed_dim != E:
-                raise ValueError(f"{name}.embed_dim={sub.embed_dim} must equal encoder.embed_dim={E}")
-        if cfg.loss.foreground not in ("batch", "sequence"):
-            raise ValueError(f"loss.foreground must be 'batch' or 'sequence', got {cfg.loss.foreground!r}")
-        if cfg.loss.motion_map < 0 or not 1 <= cfg.loss.motion_map_cells <= cfg.encoder.frame_size:
-            raise ValueError(
-                f"loss.motion_map must be >= 0 (0 = off) and loss.motion_map_cells in 1..{cfg.encoder.frame_size}, "
-                f"got {cfg.loss.motion_map} and {cfg.loss.motion_map_cells}"
-            )
-        if cfg.loss.motion_map_predicted < 0 or (cfg.loss.motion_map_predicted > 0 and cfg.loss.motion_map <= 0):
-            raise ValueError("loss.motion_map_predicted must be >= 0, and above 0 only with loss.motion_map > 0")
-        if cfg.pixel_gain < 1.0:
-            raise ValueError(f"pixel_gain must be >= 1 (pixels are scaled up and clipped at 1), got {cfg.pixel_gain}")
-        if cfg.context > cfg.predictor.max_context:
-            raise ValueError(f"context {cfg.context} exceeds predictor.max_context {cfg.predictor.max_context}")
         self.cfg = cfg
         self.num_actions = num_actions
         self.encoder = VideoViT(cfg.encoder)
