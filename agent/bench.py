@@ -158,10 +158,9 @@ def world_model_speed(
         trainer.update(batch, head_batch)
     _sync(device)
     dt = (time.perf_counter() - t0) / updates
-    params = {
-        name: sum(p.numel() for p in getattr(wm, name).parameters())
-        for name in ("encoder", "predictor", "decoder", "reward_head", "cont_head")
-    }
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in wm.named_children()}
+    params = {name: n for name, n in params.items() if n > 0}
+    params["total"] = sum(p.numel() for p in wm.parameters())
     return {
         "updates_per_s": 1 / dt,
         "samples_per_s": B / dt,
@@ -303,6 +302,10 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
             f"{w['updates_per_s']:.2f} updates/s, {w['samples_per_s']:.0f} seq/s, "
             f"{w['flop_per_s'] / 1e9:.1f} GFLOP/s = {w['flop_per_s'] / peak:.0%} of peak"
             + (f" (compiling + first 3 updates: {w['first_updates_s']:.0f} s)" if args.compile else ""),
+        )
+        table.add_row(
+            f"parameters ({name})",
+            ", ".join(f"{k.removeprefix('params_')} {v / 1e3:.1f}k" for k, v in w.items() if k.startswith("params_")),
         )
         im = imagination_speed(name, device)
         result[f"imagination_{name}"] = im

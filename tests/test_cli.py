@@ -136,6 +136,9 @@ def test_bench_speed_writes_positive_figures(tmp_path: Path) -> None:
     assert res["replay_batches_per_s"] > 0
     w = res["world_model_debug"]
     assert w["updates_per_s"] > 0 and w["flop_per_update"] > 0 and 0 < w["fraction_of_peak"]
+    parts = {k: v for k, v in w.items() if k.startswith("params_") and k != "params_total"}
+    assert {"params_encoder", "params_predictor", "params_decoder", "params_reward_head"} <= set(parts)
+    assert sum(parts.values()) == w["params_total"] > 0
     assert res["imagination_debug"]["imagined_steps_per_s"] > 0
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch"]
     split = res["dyna_iteration_debug"]
