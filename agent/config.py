@@ -42,7 +42,8 @@ class TrainConfig:
     amp: bool = True
     """bf16 autocast for the world model on CUDA (ignored on CPU)."""
     compile: bool = False
-    """``torch.compile`` the world-model loss (worth it on CUDA; the first updates wait for compilation)."""
+    """``torch.compile`` the world-model loss; the first updates wait for compilation. Measured: 1.9x
+    faster updates on an H100; 1.16x on a 2-core CPU (``cpu`` preset) for 161 s of compiling per start."""
     warmup_steps: int = 5_000
     """Random-action env steps before any learning."""
     collect_steps: int = 256
