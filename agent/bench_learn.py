@@ -219,4 +219,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="report env steps to this last-100 mean")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="output directory (default runs/bench_learn_<env>_<steps>)")
+    p.add_argument("--out", default=None, help="output directory (default runs/bench_learn_<env>_<date>-<time>)")

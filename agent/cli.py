@@ -43,7 +43,8 @@ commands:
   train   train an agent:  wm-agent train --env ALE/Breakout-v5 [--preset cpu] [--steps N] ...
   eval    score a trained agent over full episodes:  wm-agent eval RUN_DIR [--episodes 100]
   watch   real vs imagined video of a trained agent:  wm-agent watch RUN_DIR [--steps 64] [--out FILE.gif|.mp4]
-  bench   speed against the machine's limits (bench speed), world-model quality (bench world-model)
+  bench   speed against the machine's limits (bench speed), world-model quality (bench world-model),
+          wm-agent vs stable-baselines3 PPO on one budget (bench learn)
 
 Run 'wm-agent <command> --help' for a command's options.
 """

@@ -31,6 +31,7 @@ class TrainConfig:
     steps: int = 100_000
     """Total real env steps (agent steps, each 4 frames on ALE)."""
     seed: int = 0
+    """Seeds Python, numpy, torch and the envs (each env copy gets its own seed derived from it)."""
     num_envs: int = 8
     """Env copies stepped in lockstep."""
     sticky_actions: float = 0.0

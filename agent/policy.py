@@ -17,7 +17,9 @@ class PolicyConfig:
     history: int = 3
     """How many of the latest latents the policy sees (more than one, so it sees motion)."""
     hidden_dim: int = 256
+    """Width of the actor's and the critic's hidden layers."""
     layers: int = 2
+    """Hidden layers of each MLP."""
 
 
 def _mlp(inp: int, hidden: int, out: int, layers: int) -> nn.Sequential:

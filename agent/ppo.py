@@ -22,16 +22,23 @@ class PPOConfig:
     num_starts: int = 256
     """Imagined episodes per rollout, each started from a real context sampled from replay."""
     gamma: float = 0.985
+    """Discount per imagined step."""
     lam: float = 0.95
+    """GAE lambda."""
     clip: float = 0.2
     """PPO ratio clipping."""
     epochs: int = 2
     """Passes over one rollout."""
     minibatches: int = 4
+    """Minibatches per pass over a rollout."""
     entropy_coef: float = 3e-3
+    """Weight of the entropy bonus."""
     value_coef: float = 0.5
+    """Weight of the critic's loss."""
     lr: float = 3e-4
+    """Adam learning rate of the actor-critic."""
     grad_clip: float = 0.5
+    """Clip the actor-critic's global gradient norm to this value."""
     return_scale_decay: float = 0.99
     """EMA decay of the 5th-95th percentile range of returns that advantages are divided by."""
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import itertools
 import json
 import subprocess
 import sys
+import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -26,6 +32,30 @@ def test_train_help_documents_fields() -> None:
     out = run("train", "--help")
     assert out.returncode == 0
     assert "--steps" in out.stdout and "--world-model.encoder.embed-dim" in out.stdout
+
+
+def _undocumented_fields(cls: type, prefix: str = "") -> list[str]:
+    """Config fields with no docstring under them (``train --help`` would show only a default)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    documented = {
+        a.target.id
+        for a, b in itertools.pairwise(body)
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+    }
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            missing += _undocumented_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif f.name not in documented:
+            missing.append(f"{prefix}{f.name}")
+    return missing
+
+
+def test_every_train_config_field_has_a_help_text() -> None:
+    from agent.config import TrainConfig
+
+    assert _undocumented_fields(TrainConfig) == []
 
 
 @pytest.mark.parametrize(

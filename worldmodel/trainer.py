@@ -18,6 +18,7 @@ class OptimConfig:
     lr: float = 6e-4
     """Learning rate; the prototype needed a high one before the decoder drew the ball."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     grad_clip: float = 100.0
     """Clip the global gradient norm to this value. Only against spikes: at 1.0 the reward head's
     gradients set the norm and starved every other part (a fixed batch no longer overfit)."""
@@ -30,6 +31,7 @@ class OptimConfig:
     that cannot read them yet, it first erased them (0.75 after 300 updates, 0.54 after 600). Yet a
     whole Catch run holding it 300 updates (seed 0) ended at 0.64 against the default's 0.86."""
     eps: float = 1e-6
+    """AdamW epsilon."""
 
 
 def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:

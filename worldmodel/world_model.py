@@ -62,6 +62,7 @@ class LossConfig:
     motion_map_cells: int = 16
     """The motion map is ``cells x cells`` (16: 4x4-pixel cells at 64x64)."""
     reward_bins: int = 65
+    """Two-hot bins of the reward head (a scale-robust target for Atari's varied reward sizes)."""
     reward_limit: float = 8.0
     """Two-hot reward bins span [-limit, limit] in symlog space (symlog(3000) ~ 8)."""
 
