@@ -24,7 +24,9 @@ from agent.config import PRESETS, UsageError, preset
 from agent.policy import ActorCritic
 from agent.ppo import PPO
 from agent.replay import ReplayBuffer, random_replay
+from agent.wm_report import replay_of, world_model_report
 from envs import make_env
+from envs.annotations import annotated_rollout, has_annotations
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
@@ -180,10 +182,10 @@ def imagination_speed(preset_name: str, device: torch.device, rollouts: int = 5)
     """Imagined latent steps/s (starts x horizon) and policy updates/s (one rollout + PPO epochs each)."""
     cfg = preset(preset_name)
     wm = WorldModel(cfg.world_model, num_actions=4).to(device)
-    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, 4).to(device)
+    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, 4).to(device)
     ppo = PPO(policy, cfg.ppo)
     env = ImaginedEnv(wm, cfg.ppo.horizon)
-    starts = torch.randn(cfg.ppo.num_starts, cfg.world_model.context, cfg.world_model.encoder.embed_dim, device=device)
+    starts = torch.randn(cfg.ppo.num_starts, cfg.world_model.context, cfg.world_model.encoder.latent_dim, device=device)
     ppo.update(ppo.rollout(env, starts))
     _sync(device)
     t0 = time.perf_counter()
@@ -370,22 +372,35 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
         validate_config(cfg)
         args.env = args.env or "ALE/Breakout-v5"
         wm = WorldModel(cfg.world_model, num_actions=make_env(args.env).num_actions).to(device)
-    test_buf = random_replay(args.env, 4_000, 8, args.seed + 1, rng)
+    if has_annotations(args.env):
+        rollout = annotated_rollout(args.env, args.test_steps, 8, args.seed + 1)
+        test_buf, positions, in_play = replay_of(rollout), rollout.positions, rollout.ball_in_play
+    else:
+        test_buf, positions, in_play = random_replay(args.env, args.test_steps, 8, args.seed + 1, rng), None, None
+    L = cfg.world_model.seq_len
     if args.updates > 0:
         train_buf = random_replay(args.env, args.data_steps, 8, args.seed, rng)
+        # As the Dyna loop trains it: rewarded sequences oversampled, the heads' extra batch, and
+        # imagination's reward and continue heads calibrated to the data's rates.
+        wm.set_base_rates(*train_buf.base_rates())
         trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
-    L = cfg.world_model.seq_len
     t0 = time.time()
     for i in range(args.updates):
-        metrics, _ = trainer.update(
-            train_buf.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
-        )
+        batch = train_buf.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+        head = None
+        if cfg.head_batch_size > 0:
+            head = train_buf.sample(cfg.head_batch_size, 2, rng, device, rewarded_fraction=cfg.head_rewarded_fraction)
+        dyn = None
+        if cfg.dynamics_batch_size > 0:
+            dyn = train_buf.sample(cfg.dynamics_batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+        metrics, _ = trainer.update(batch, head, dyn)
         if (i + 1) % max(1, args.updates // 10) == 0:
             console.print(
                 f"update {i + 1}/{args.updates}: loss {metrics['world_model/loss'].item():.4f}, "
                 f"{(i + 1) / (time.time() - t0):.2f} updates/s",
                 highlight=False,
             )
+    train_seconds = time.time() - t0
     wm.eval()
     test = test_buf.sample(256, L, rng, device, rewarded_fraction=0.0)
     with torch.no_grad():
@@ -405,7 +420,7 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
             "checkpoint": None if args.checkpoint is None else str(loaded.checkpoint),
             "checkpoint_env_steps": checkpoint_steps,
             "data_steps": args.data_steps,
-            "train_seconds": time.time() - t0,
+            "train_seconds": train_seconds,
             "next_frame_mse": float((pred - real).square().mean()),
             "copy_last_mse": float((last - real).square().mean()),
             # The whole-frame MSE split into the pixels that change from the last frame and those that do
@@ -415,8 +430,13 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
             "copy_last_mse_changed_part": float(((last - real).square() * changed).mean()),
         }
     )
+    t1 = time.time()
+    result.update(world_model_report(wm, test_buf, positions, in_play, seed=args.seed))
+    result["test_steps"] = args.test_steps
+    result["report_seconds"] = time.time() - t1
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"world_model": wm.state_dict(), "num_actions": wm.num_actions}, out_dir / "world_model.pt")
     (out_dir / "world_model_check.json").write_text(json.dumps(result, indent=2))
     rows = 6
     fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows))
@@ -447,8 +467,36 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     ):
         table.add_row(key, f"{result[key]:.5f}")
     console.print(table)
+    console.print(report_table(result))
     console.print(f"written to {out_dir / 'world_model_check.json'} and {out_dir / 'world_model_check.png'}")
     return 0
+
+
+def report_table(result: dict) -> Table:
+    """Items 1-4 of issue 22 by open-loop depth: what the latent and the predictor hold, and what
+    imagination pays."""
+    shown = (1, 4, 8)
+    table = Table(title="held-out windows, the predictor run open loop from real context under the real actions")
+    table.add_column("measure")
+    table.add_column("encoder", justify="right")
+    for d in shown:
+        table.add_column(f"depth {d}", justify="right")
+    for name in ("paddle_x", "ball_x", "ball_y"):
+        if "probe" in result:
+            ol = result["open_loop"]
+            table.add_row(
+                f"{name} R^2 (hold last latent)",
+                f"{result['probe'][f'{name}_r2']:.3f}",
+                *(f"{ol[f'{name}_r2'][str(d)]:.3f} ({ol[f'hold_last_{name}_r2'][str(d)]:.3f})" for d in shown),
+            )
+    for key in ("reward_paid_share", "reward_paid_unrewarded", "reward_sign_acc", "life_loss_recall", "false_end_rate"):
+        table.add_row(key, "", *(f"{result[key][str(d)]:.3f}" for d in shown))
+    table.add_row(
+        "windows rewarded / ended",
+        "",
+        *(f"{result['windows'][str(d)]['rewarded']} / {result['windows'][str(d)]['ended']}" for d in shown),
+    )
+    return table
 
 
 def bench_main(argv: list[str], device_of) -> int:
@@ -477,7 +525,8 @@ def bench_main(argv: list[str], device_of) -> int:
     )
     w.add_argument("--preset", default="cpu", choices=PRESETS)
     w.add_argument("--updates", type=int, default=1000)
-    w.add_argument("--data-steps", type=int, default=20_000)
+    w.add_argument("--data-steps", type=int, default=20_000, help="random-policy env steps to train on")
+    w.add_argument("--test-steps", type=int, default=10_000, help="held-out random-policy env steps the measures read")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--device", default="auto")
     w.add_argument("--threads", type=int, default=0)

@@ -76,7 +76,7 @@ class DynaTrainer:
         self.rng = np.random.default_rng(cfg.seed)
         self.env = make_env(cfg.env, num_envs=cfg.num_envs, seed=cfg.seed, sticky_actions=cfg.sticky_actions)
         A = self.env.num_actions
-        E = cfg.world_model.encoder.embed_dim
+        E = cfg.world_model.encoder.latent_dim
         self.wm = WorldModel(cfg.world_model, A).to(self.device)
         self.wm_trainer = WorldModelTrainer(self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile)
         if not 0.0 <= cfg.slow_world_model_decay < 1.0:
@@ -178,10 +178,12 @@ class DynaTrainer:
         self.starts = windows if self.starts is None else torch.cat([windows, self.starts])
         self.starts = self.starts[: self.cfg.ppo.num_starts]
 
-    def world_model_update(self, batch: Batch, head_batch: Batch | None) -> dict[str, torch.Tensor]:
+    def world_model_update(
+        self, batch: Batch, head_batch: Batch | None, dynamics_batch: Batch | None = None
+    ) -> dict[str, torch.Tensor]:
         """One world-model gradient step, then the slow copy follows it and the batch's latents (in the
         latent space of the model the policy imagines with) become imagination starts."""
-        metrics, latents = self.wm_trainer.update(batch, head_batch)
+        metrics, latents = self.wm_trainer.update(batch, head_batch, dynamics_batch)
         if self.wm_slow is not None:
             ema_update_(self.wm_slow, self.wm, self.cfg.slow_world_model_decay)
             # Encoding again costs a forward pass, so it starts only with the batches the policy will use.
@@ -284,7 +286,16 @@ class DynaTrainer:
                         head_batch = self.replay.sample(
                             cfg.head_batch_size, 2, self.rng, self.device, rewarded_fraction=cfg.head_rewarded_fraction
                         )
-                    metrics = self.world_model_update(batch, head_batch)
+                    dynamics_batch = None
+                    if cfg.dynamics_batch_size > 0:
+                        dynamics_batch = self.replay.sample(
+                            cfg.dynamics_batch_size,
+                            cfg.world_model.seq_len,
+                            self.rng,
+                            self.device,
+                            rewarded_fraction=cfg.rewarded_fraction,
+                        )
+                    metrics = self.world_model_update(batch, head_batch, dynamics_batch)
                     c.wm_budget -= 1
                     logger.add(metrics)
                     self._check_finite()
@@ -373,7 +384,7 @@ def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = p
     wm = WorldModel(cfg.world_model, state["num_actions"]).to(device)
     # The policy acted through the slow copy when the run kept one, so that is the model it is read with.
     wm.load_state_dict_compat(state.get("world_model_slow", state["world_model"]))
-    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.embed_dim, state["num_actions"]).to(device)
+    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, state["num_actions"]).to(device)
     policy.load_state_dict(state["policy"])
     wm.eval()
     policy.eval()

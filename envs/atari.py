@@ -250,6 +250,12 @@ class AtariGymEnv:
         out_info = self._tracker.on_step(reward, terminated, truncated, info["lives"])
         return np.asarray(obs, dtype=np.uint8), reward, terminated, truncated, out_info
 
+    def ram(self) -> np.ndarray:
+        """Each copy's console RAM now, uint8 ``[N, 128]`` (synchronous vector env only)."""
+        if not isinstance(self._env, SyncVectorEnv):
+            raise RuntimeError("ram() reads the copies in this process; build the env with asynchronous=False")
+        return np.stack([copy.unwrapped.ale.getRAM() for copy in self._env.envs])
+
     def close(self) -> None:
         """Closes the gymnasium envs (and worker processes when asynchronous)."""
         if self._env is not None:

@@ -12,13 +12,15 @@ design is in the way:
 - ``gain3``: the document's encoder on frames brightened 3x (clipped at 255);
 - ``sqrt``: the document's encoder on the square root of the pixels in [0, 1].
 
-    python scripts/ball_capacity.py --variant document --steps 1000
+    python -m scripts.ball_capacity --variant document --steps 1000
+
+(``no-mean`` is what ``--world-model.encoder.pool flatten`` now builds into the world model; the
+world model's own latents are measured by ``wm-agent bench world-model``.)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +29,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from probe_breakout_latents import collect  # noqa: E402
-
-from worldmodel.encoder import EncoderConfig, VideoViT  # noqa: E402
+from envs.annotations import annotated_rollout
+from worldmodel.encoder import EncoderConfig, VideoViT
 
 VARIANTS = ("document", "abs-pos", "no-mean", "gain3", "sqrt")
 
@@ -64,7 +64,8 @@ def main() -> None:
         saved = np.load(args.cache)
         frames, pos = saved["frames"], saved["pos"]
     else:
-        frames, pos = collect(args.frames, 0)
+        rollout = annotated_rollout("ALE/Breakout-v5", args.frames, num_envs=1, seed=0)
+        frames, pos = rollout.frames[:, 0], rollout.positions[:, 0].astype(np.float64)
         if args.cache:
             np.savez(args.cache, frames=frames, pos=pos)
     in_play = (pos[:, 2] > 0) & (pos[:, 1] > 0)

@@ -15,7 +15,7 @@ Three readings of one checkpoint (``--threads`` torch threads, CPU):
    from the run's own replay, then read on edge-focused landings. If it reads them where the trained
    head did not, the latents hold the offset and the head's training is what falls short.
 
-    python scripts/catch_decisions.py runs/RUN --ceiling
+    python -m scripts.catch_decisions runs/RUN --ceiling
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from agent.actor import RealEnvActor  # noqa: E402
-from agent.checkpoint import load_latest  # noqa: E402
-from agent.dyna import LoadedAgent, load_agent  # noqa: E402
-from envs import make_env  # noqa: E402
-from envs.catch import BALL_VALUE, EPISODE_STEPS, PADDLE_H, PADDLE_VALUE, CatchState  # noqa: E402
-from worldmodel.twohot import twohot, twohot_decode  # noqa: E402
-from worldmodel.world_model import WorldModel  # noqa: E402
+from agent.actor import RealEnvActor
+from agent.checkpoint import load_latest
+from agent.dyna import LoadedAgent, load_agent
+from envs import make_env
+from envs.catch import BALL_VALUE, EPISODE_STEPS, PADDLE_H, PADDLE_VALUE, CatchState
+from worldmodel.twohot import twohot, twohot_decode
+from worldmodel.world_model import WorldModel
 
 BUCKETS = [(-60, -8), (-8, -4), (-4, 0), (0, 8), (8, 12), (12, 16), (16, 60)]
 """Landing offsets: caught inside [-3, 11]; the buckets next to those edges are where a head can err."""

@@ -2,7 +2,7 @@
 steps, read from its newest checkpoint), optionally next to an SB3 PPO run of `agent.baseline --out`
 and a random-play level.
 
-    python scripts/plot_learning.py runs/breakout_s0 --sb3 runs/sb3_breakout_s0.json --random 1.7 --out curve.png
+    python -m scripts.plot_learning runs/breakout_s0 --sb3 runs/sb3_breakout_s0.json --random 1.7 --out curve.png
 """
 
 from __future__ import annotations

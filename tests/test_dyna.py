@@ -75,9 +75,9 @@ def test_head_batch_takes_head_rewarded_fraction_of_rewarded_transitions(tmp_pat
         trainer = DynaTrainer(cfg, run_dir)
         update, shares = trainer.wm_trainer.update, seen.setdefault(fraction, [])
 
-        def spy(batch, head_batch=None, update=update, shares=shares):
+        def spy(batch, head_batch=None, dynamics_batch=None, update=update, shares=shares):
             shares.append(float((head_batch.rewards != 0).float().mean()))
-            return update(batch, head_batch)
+            return update(batch, head_batch, dynamics_batch)
 
         trainer.wm_trainer.update = spy
         train_quietly(trainer)

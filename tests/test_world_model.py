@@ -284,3 +284,25 @@ def test_paid_reward_metrics_read_the_calibrated_head(catch_replay) -> None:
     assert sparse["world_model/reward_paid_abs_unrewarded"] < balanced["world_model/reward_paid_abs_unrewarded"]
     assert sparse["world_model/reward_acc_rewarded"] == balanced["world_model/reward_acc_rewarded"]
     assert torch.isfinite(sparse["world_model/reward_paid_share_rewarded"])
+
+
+def test_flatten_latent_world_model_trains_end_to_end(catch_replay) -> None:
+    from worldmodel.encoder import EncoderConfig
+
+    cfg = small_cfg()
+    cfg.encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, pool="flatten", flatten_dim=2)
+    E = cfg.encoder.latent_dim
+    assert E == 128
+    for sub in (cfg.predictor, cfg.decoder, cfg.reward):
+        sub.embed_dim = E
+    torch.manual_seed(0)
+    wm = WorldModel(cfg, num_actions=3)
+    batch = catch_replay.sample(4, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+    loss, _ = wm.compute_loss(batch)
+    loss.backward()
+    for name, p in wm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert wm.encode(batch.frames).shape == (4, cfg.seq_len, E)
+    cfg.predictor.embed_dim = 32
+    with pytest.raises(ValueError, match="flatten_dim"):
+        WorldModel(cfg, num_actions=3)

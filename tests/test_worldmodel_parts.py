@@ -186,3 +186,36 @@ def test_gradients_reach_every_parameter() -> None:
 
     head = RewardPredictor(cfg["reward"])
     _assert_grads_reach_every_parameter(head, head(torch.randn(B, T, E), torch.randn(B, T, E)).pow(2).mean())
+
+
+def test_flatten_pool_keeps_the_patch_layout() -> None:
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, pool="flatten", flatten_dim=4)
+    assert cfg.latent_dim == 64 * 4
+    encoder = VideoViT(cfg)
+    x = torch.rand(2, 1, 3, 64, 64)
+    z = encoder(x)
+    assert z.shape == (2, 3, 256)
+    _assert_grads_reach_every_parameter(encoder, z.pow(2).mean())
+    # Each patch owns its own slice of the latent: the same object in two places gives latents that
+    # differ where the patches do, unlike a mean over patches, which sees a permutation of the same set.
+    with torch.no_grad():
+        tokens = torch.randn(1, 1, 64, 32)
+        pooled = encoder.flatten_proj(encoder.norm(tokens))
+        assert pooled.shape == (1, 1, 64, 4)
+        swapped = tokens[:, :, torch.randperm(64)]
+        mean = VideoViT(EncoderConfig(embed_dim=32, depth=1, num_heads=2))
+        assert torch.allclose(mean.norm(tokens).mean(2), mean.norm(swapped).mean(2), atol=1e-6)
+        flat_a = rearrange_flat(encoder, tokens)
+        flat_b = rearrange_flat(encoder, swapped)
+        assert not torch.allclose(flat_a, flat_b)
+
+
+def rearrange_flat(encoder: VideoViT, tokens: torch.Tensor) -> torch.Tensor:
+    return encoder.flatten_proj(encoder.norm(tokens)).flatten(2)
+
+
+def test_document_form_is_the_default_pool() -> None:
+    cfg = EncoderConfig()
+    assert cfg.pool == "mean" and cfg.latent_dim == cfg.embed_dim == 128
+    with pytest.raises(ValueError, match="pool"):
+        VideoViT(EncoderConfig(pool="max"))  # type: ignore[arg-type]

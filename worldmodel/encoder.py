@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from einops import rearrange
@@ -29,6 +30,22 @@ class EncoderConfig:
     """Attention heads per block (``embed_dim / num_heads`` must be divisible by 4 for 2-D RoPE)."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of ``embed_dim``."""
+    pool: Literal["mean", "flatten"] = "mean"
+    """How a frame's patch tokens become its latent. "mean": ARCHITECTURE.md's mean over patches (the
+    latent is ``embed_dim`` wide). "flatten": each patch token is projected to ``flatten_dim`` channels
+    and the patches are concatenated in grid order (``num_patches * flatten_dim`` wide), so where a
+    feature sits stays in the latent, as DreamerV3 flattens its CNN map."""
+    flatten_dim: int = 4
+    """Channels each patch keeps with ``pool="flatten"``."""
+
+    @property
+    def num_patches(self) -> int:
+        return (self.frame_size // self.patch_size) ** 2
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one frame's latent, what the predictor, decoder and heads read."""
+        return self.embed_dim if self.pool == "mean" else self.num_patches * self.flatten_dim
 
 
 class FactorizedPatchEmbed(nn.Module):
@@ -52,8 +69,8 @@ class FactorizedPatchEmbed(nn.Module):
 
 class VideoViT(nn.Module):
     """Encodes each frame of a clip independently into a latent vector: patch embedding,
-    transformer blocks with 2-D RoPE over the patches of one frame, a final LayerNorm and a mean
-    over patches."""
+    transformer blocks with 2-D RoPE over the patches of one frame, a final LayerNorm and a pooling
+    of the patches into one vector (ARCHITECTURE.md's mean, or a flatten that keeps their layout)."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -68,9 +85,12 @@ class VideoViT(nn.Module):
             TransformerBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, causal=False) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.embed_dim)
+        if cfg.pool not in ("mean", "flatten"):
+            raise ValueError(f"pool must be 'mean' or 'flatten', got {cfg.pool!r}")
+        self.flatten_proj = nn.Linear(cfg.embed_dim, cfg.flatten_dim) if cfg.pool == "flatten" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` float ``[B, C, T, H, W]`` with pixel values already scaled to ``[0, 1]`` -> ``[B, T, E]``."""
+        """``x`` float ``[B, C, T, H, W]`` with pixel values already scaled to ``[0, 1]`` -> ``[B, T, latent_dim]``."""
         B, C, T, H, W = x.shape
         p = self.cfg.patch_size
         if H % p or W % p:
@@ -81,4 +101,6 @@ class VideoViT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, rope)
         tokens = rearrange(self.norm(tokens), "(b t) n e -> b t n e", b=B)
-        return tokens.mean(dim=2)
+        if self.flatten_proj is None:
+            return tokens.mean(dim=2)  # (B, T, E)
+        return rearrange(self.flatten_proj(tokens), "b t n c -> b t (n c)")  # (B, T, N * flatten_dim)

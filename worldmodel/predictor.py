@@ -24,6 +24,9 @@ class PredictorConfig:
     """MLP hidden width as a multiple of ``embed_dim``."""
     max_context: int = 32
     """Most frame latents ``T`` one call may see (the sequence is ``T + 1`` tokens with the action)."""
+    residual: bool = False
+    """Predict the change from the last latent: ``z_T = z_{T-1} + head(...)``, the head starting at zero
+    (so an untrained predictor holds the last frame). Off: ARCHITECTURE.md's head predicts ``z_T`` itself."""
 
 
 class LatentDynamicsPredictor(nn.Module):
@@ -44,6 +47,9 @@ class LatentDynamicsPredictor(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.embed_dim)
         self.head = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        if cfg.residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def transformer_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """The causal stack without the head: ``tokens [B, L, E]`` -> ``[B, L, E]``; output ``i``
@@ -62,4 +68,5 @@ class LatentDynamicsPredictor(nn.Module):
         action_token = self.action_embed(action).unsqueeze(1)  # (B, 1, E)
         tokens = torch.cat([action_token, z], dim=1)  # (B, T+1, E)
         last = self.transformer_outputs(tokens)[:, -1:]  # (B, 1, E)
-        return self.head(self.norm(last))
+        out = self.head(self.norm(last))
+        return z[:, -1:] + out if self.cfg.residual else out

@@ -67,8 +67,10 @@ class WorldModelTrainer:
         self.skipped = 0
         self.consecutive_skipped = 0
 
-    def update(self, batch: Batch, head_batch: Batch | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One gradient step on ``batch`` (and ``head_batch`` for the heads, see
+    def update(
+        self, batch: Batch, head_batch: Batch | None = None, dynamics_batch: Batch | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One gradient step on ``batch`` (and ``head_batch`` for the heads, ``dynamics_batch`` for the predictor, see
         :meth:`WorldModel.compute_loss`); returns detached metrics and the batch's detached latents
         ``[B, K+P, E]``. A non-finite loss or gradient norm skips the step (counted in ``skipped``)."""
         self.model.train()
@@ -78,7 +80,7 @@ class WorldModelTrainer:
             held = max(0, self.updates + 1 - self.cfg.encoder_hold_updates)
             self.optimizer.param_groups[1]["lr"] = self.cfg.lr * min(1.0, held / warmup)
         with autocast_context(self.device, self.amp):
-            loss, metrics, latents = self.loss_and_latents(batch, head_batch)
+            loss, metrics, latents = self.loss_and_latents(batch, head_batch, dynamics_batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

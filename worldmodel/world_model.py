@@ -52,6 +52,10 @@ class LossConfig:
     a seed whose imagination judged misses at only -0.24 to -0.62 (catches +0.38 to +0.90) stalled
     below the target. Off: on Catch (cpu preset, seeds 0-2) it took that seed to 0.9 and kept
     another from it, and evaluated at 0.79 on average against 0.91 without it."""
+    heads_shape_predictor: bool = True
+    """The reward and continue losses on predicted latents also train the predictor (through those
+    latents). Off: the heads still learn from predicted latents, but the predictor learns only to land
+    where the encoder would (its latent, open-loop and next-frame losses)."""
     motion_map: float = 0.0
     """Weight of the motion-map loss (``worldmodel/motion_map.py``): every latent places, as a
     cross-entropy over coarse cells, where pixels brightened since the previous frame. 0 = off (no head)."""
@@ -101,10 +105,18 @@ class WorldModelConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` for settings the world model cannot use; fields are named as backticked
         config paths (the CLI turns them into its flags)."""
-        E = self.encoder.embed_dim
+        E = self.encoder.latent_dim
+        if self.encoder.pool not in ("mean", "flatten") or self.encoder.flatten_dim < 1:
+            raise ValueError(
+                f"`encoder.pool` must be 'mean' or 'flatten' and `encoder.flatten_dim` >= 1, "
+                f"got {self.encoder.pool!r} and {self.encoder.flatten_dim}"
+            )
+        source = "`encoder.embed_dim`"
+        if self.encoder.pool == "flatten":
+            source = "the encoder's latent (patches x `encoder.flatten_dim`)"
         for name, sub in (("predictor", self.predictor), ("decoder", self.decoder), ("reward", self.reward)):
             if sub.embed_dim != E:
-                raise ValueError(f"`{name}.embed_dim` ({sub.embed_dim}) must equal `encoder.embed_dim` ({E})")
+                raise ValueError(f"`{name}.embed_dim` ({sub.embed_dim}) must equal {source} ({E})")
         loss = self.loss
         if loss.foreground not in ("batch", "sequence"):
             raise ValueError(f"`loss.foreground` must be 'batch' or 'sequence', got {loss.foreground!r}")
@@ -125,6 +137,21 @@ class WorldModelConfig:
             raise ValueError(
                 f"`context` ({self.context}) exceeds `predictor.max_context` ({self.predictor.max_context})"
             )
+
+
+Term = tuple[torch.Tensor, dict[str, torch.Tensor]]
+"""A loss term: its value and the metrics that go with it."""
+
+
+@dataclass
+class Dynamics:
+    """The predictor's outputs on the main batch and its two losses (see ``WorldModel._predict``)."""
+
+    z_pred: torch.Tensor  # (B*P, E): one step from each real window
+    z_open: torch.Tensor  # (B, P, E): P steps chained open loop
+    latent_loss: torch.Tensor
+    open_loop_loss: torch.Tensor
+    open_loop_mse_last: torch.Tensor
 
 
 @dataclass
@@ -187,7 +214,7 @@ class WorldModel(nn.Module):
     def __init__(self, cfg: WorldModelConfig, num_actions: int) -> None:
         super().__init__()
         cfg.validate()
-        E = cfg.encoder.embed_dim
+        E = cfg.encoder.latent_dim
         self.cfg = cfg
         self.num_actions = num_actions
         self.encoder = VideoViT(cfg.encoder)
@@ -278,200 +305,222 @@ class WorldModel(nn.Module):
         return Prediction(z_next, twohot_decode(rew_logits, self.reward_bins), torch.sigmoid(cont_logit))
 
     def compute_loss(
-        self, batch: Batch, head_batch: Batch | None = None
+        self, batch: Batch, head_batch: Batch | None = None, dynamics_batch: Batch | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch of ``K + P`` frame sequences; metrics are detached tensors. ``head_batch``
         (optional, sequences of any length >= 2) adds real transitions for the reward and continue heads
-        only: encoded without gradient, so they cost an encoder pass and no decoding."""
-        loss, metrics, _ = self.loss_and_latents(batch, head_batch)
+        only: encoded without gradient, so they cost an encoder pass and no decoding. ``dynamics_batch``
+        (optional, ``K + P`` frames) adds sequences for the predictor's latent and open-loop losses only,
+        encoded without gradient the same way."""
+        loss, metrics, _ = self.loss_and_latents(batch, head_batch, dynamics_batch)
         return loss, metrics
 
     def loss_and_latents(
-        self, batch: Batch, head_batch: Batch | None = None
+        self, batch: Batch, head_batch: Batch | None = None, dynamics_batch: Batch | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`compute_loss` plus the batch's detached latents ``[B, K+P, E]``, which imagination
-        reuses as start states instead of encoding frames a second time."""
+        reuses as start states instead of encoding frames a second time.
+
+        The encoder and decoder learn from pixels alone (``current_frame``); every other term stops at
+        the encoder (LESSONS.md: other losses flowing into it early slowed or destroyed its picture of
+        small objects), except the motion map, which reaches it on purpose."""
         cfg, lc = self.cfg, self.cfg.loss
-        K, P = cfg.context, cfg.pred_steps
-        B, L, H, W = batch.frames.shape
-        if L != K + P:
-            raise ValueError(f"batch has sequences of {L} frames, the world model trains on K+P={K + P}")
+        B, L = batch.frames.shape[:2]
+        if L != cfg.seq_len:
+            raise ValueError(f"batch has sequences of {L} frames, the world model trains on K+P={cfg.seq_len}")
         x = self.to_float(batch.frames)  # (B, L, H, W)
         z = self.encoder(x.unsqueeze(1))  # (B, L, E)
-        if self.training and self.cfg.standardize_decoder_input:
+        if self.training and cfg.standardize_decoder_input:
             self.decoder_input_norm.update(z)
+        dyn = self._predict(z.detach(), batch.actions, dynamics_batch)
+        terms = {
+            "current_frame": self._current_frame_loss(x, z),
+            "next_frame": self._next_frame_loss(x, dyn.z_pred),
+            "latent": (dyn.latent_loss, {"world_model/latent_loss": dyn.latent_loss}),
+            "open_loop": (dyn.open_loop_loss, {"world_model/open_loop_latent_mse_last": dyn.open_loop_mse_last}),
+            **self._head_losses(batch, z.detach(), dyn, head_batch),
+            **self._motion_map_losses(x, z, dyn.z_open),
+        }
+        loss = sum(getattr(lc, name) * value for name, (value, _) in terms.items())
+        metrics = {"world_model/loss": loss}
+        for _, term_metrics in terms.values():
+            metrics.update(term_metrics)
+        return loss, {k: v.detach() for k, v in metrics.items()}, z.detach()
 
-        # P windows of K latents per sequence, each predicting the latent that follows it.
-        ctx = torch.stack([z[:, p : p + K] for p in range(P)], dim=1)  # (B, P, K, E)
-        ctx = rearrange(ctx, "b p k e -> (b p) k e")
-        act = rearrange(batch.actions[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        z_now = rearrange(z[:, K - 1 : K - 1 + P], "b p e -> (b p) e")
-        z_next = rearrange(z[:, K : K + P], "b p e -> (b p) e")
-
-        # Decoding dominates the update's cost (cross-attention at 64x64). The encoder and decoder learn
-        # from pixels alone, as an autoencoder on two frames per sequence (LESSONS.md: other losses
-        # flowing into the encoder early slowed or destroyed its picture of small objects). The next
-        # frame predicted by the last window is decoded with the decoder's weights held fixed and the
-        # context detached, so it trains only the predictor (blurry early predictions would otherwise
-        # teach the decoder to draw an average frame without the ball).
-        x_now, x_next = x[:, K + P - 2], x[:, K + P - 1]
-        ae_idx = [max(0, K + P - 4), K + P - 2]
-        ae_hat = self.decode(rearrange(z[:, ae_idx], "b n e -> (b n) e"))  # (2B, H, W)
-        ae_real = rearrange(x[:, ae_idx], "b n h w -> (b n) h w")
-        ae_prev = rearrange(x[:, [max(0, i - 1) for i in ae_idx]], "b n h w -> (b n) h w")
-        z_pred_sg = self.predictor(ctx.detach(), act)[:, 0]  # (B*P, E)
-        z_pred_last = rearrange(z_pred_sg, "(b p) e -> b p e", p=P)[:, -1]
-        next_hat = self.decode(z_pred_last, frozen=True)  # (B, H, W)
-        move_next = moving_mask(x_now, x_next, lc.moving_threshold)
-        move_now = moving_mask(ae_prev, ae_real, lc.moving_threshold)
-        # A still paddle does not move but matters as much as the ball: weight foreground pixels too.
-        per_seq = lc.foreground == "sequence"
-        fg_next = foreground_mask(x, x_next, lc.moving_threshold, per_seq)
-        fg_now = foreground_mask(x, ae_real, lc.moving_threshold, per_seq)
-        next_err = (next_hat - x_next).square()
-        now_err = (ae_hat - ae_real).square()
-        w_next = 1 + lc.moving_pixel_weight * torch.maximum(move_next, fg_next)
-        w_now = 1 + lc.moving_pixel_weight * torch.maximum(move_now, fg_now)
-        loss_next = (next_err * w_next).mean()
-        loss_now = (now_err * w_now).mean()
-        loss_motion = x.new_zeros(())
-        if self.motion_head is not None:
-            # Unlike the pixel losses this reaches the encoder with the same strength for a small, dim
-            # ball as for the paddle (issue 3: MSE weighting never put Breakout's ball in the latent).
-            target = arrival_map(
-                rearrange(x[:, :-1], "b t h w -> (b t) h w"),
-                rearrange(x[:, 1:], "b t h w -> (b t) h w"),
-                lc.moving_threshold,
-                lc.motion_map_cells,
-            )
-            logits = self.motion_head(rearrange(z[:, 1:], "b t e -> (b t) e"))
-            loss_motion, motion_hit = spatial_cross_entropy(logits, target)
-
-        # The predictor must land where the encoder would put the real next frame: imagination feeds
-        # predicted latents back in as context. This term trains the predictor only (context and target
-        # detached): let through to the encoder, it made the latents collapse to a constant on Catch.
-        loss_latent = F.mse_loss(z_pred_sg, z_next.detach())
-        # Imagination feeds the predictor its own outputs for H steps; trained on real context alone it
-        # drifts off the encoder's manifold after a few steps and the heads then misjudge rewards. Chain
-        # P predictions here, gradients through the chain but not into the encoder.
-        z_targets = z[:, K : K + P].detach()
-        window, chain = z[:, :K].detach(), []
+    def _predict(self, z: torch.Tensor, actions: torch.Tensor, dynamics_batch: Batch | None) -> Dynamics:
+        """The predictor on detached latents ``z [B, K+P, E]``: one step from each of the P real
+        windows, and a chain of P steps fed back open loop, as imagination runs it. Both train the
+        predictor to land where the encoder puts the real next frame (imagination feeds predicted
+        latents back in as context); ``dynamics_batch`` adds sequences to these two losses only."""
+        K, P = self.cfg.context, self.cfg.pred_steps
+        B = z.shape[0]
+        if dynamics_batch is not None:
+            with torch.no_grad():
+                z = torch.cat([z, self.encode(dynamics_batch.frames).to(z.dtype)])  # (B + B3, K+P, E)
+            actions = torch.cat([actions, dynamics_batch.actions])
+        windows = rearrange(z.unfold(1, K, 1)[:, :P], "b p e k -> (b p) k e")  # (N*P, K, E)
+        one_step = self.predictor(windows, rearrange(actions[:, K - 1 : K - 1 + P], "b p -> (b p)"))[:, 0]
+        latent_loss = F.mse_loss(one_step, rearrange(z[:, K:], "b p e -> (b p) e"))
+        window, chain = z[:, :K], []
         for p in range(P):
-            step = self.predictor(window, batch.actions[:, K - 1 + p])  # (B, 1, E)
+            step = self.predictor(window, actions[:, K - 1 + p])  # (N, 1, E)
             chain.append(step[:, 0])
             window = torch.cat([window[:, 1:], step], dim=1)
-        z_open = torch.stack(chain, dim=1)  # (B, P, E)
-        open_err = (z_open - z_targets).square().mean(dim=(0, 2))  # (P,)
-        loss_open = open_err.mean()
-        loss_motion_pred = x.new_zeros(())
-        if self.motion_head is not None and lc.motion_map_predicted > 0:
-            # The open-loop chain predicts frames K..K+P-1: the last P of the L-1 arrivals above.
-            target_pred = rearrange(rearrange(target, "(b t) c -> b t c", b=B)[:, K - 1 :], "b p c -> (b p) c")
-            head_weights = {name: w.detach() for name, w in self.motion_head.named_parameters()}
-            logits_pred = torch.func.functional_call(
-                self.motion_head, head_weights, (rearrange(z_open, "b p e -> (b p) e"),)
-            )
-            loss_motion_pred, motion_pred_hit = spatial_cross_entropy(logits_pred, target_pred)
-        z_open_prev = torch.cat([z[:, K - 1 : K].detach(), z_open[:, :-1]], dim=1)  # (B, P, E)
+        open_err = (torch.stack(chain, dim=1) - z[:, K:]).square().mean(dim=(0, 2))  # (P,)
+        return Dynamics(
+            z_pred=one_step[: B * P],
+            z_open=torch.stack(chain, dim=1)[:B],
+            latent_loss=latent_loss,
+            open_loop_loss=open_err.mean(),
+            open_loop_mse_last=open_err[-1],
+        )
 
-        rew = rearrange(batch.rewards[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        cont = rearrange(batch.continues[:, K - 1 : K - 1 + P], "b p -> (b p)")
-        # The heads learn from the predicted next latent (what imagination gives them), from open-loop
-        # pairs (the kind of transition deep into an imagined rollout) and from every encoded real
-        # transition of the sequence: the replay oversamples sequences with a reward anywhere in them,
-        # and with only the last P real pairs half of those rewards never reached the heads (on Catch
-        # they stayed near chance on rewarded steps while a probe on the same frozen latents read them).
-        # Their gradients stop at the encoder (LESSONS.md: a strong reward loss early on destroyed the
-        # visual representation).
-        z_sg = z.detach()
+    def _pixel_weights(self, x: torch.Tensor, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-pixel weights of a reconstruction of ``target [N, H, W]``: plain MSE ignores a small ball, so
+        pixels that moved since ``prev`` or differ from the background of ``x [B, L, H, W]`` (a still
+        paddle matters as much as the ball) weigh ``1 + moving_pixel_weight``."""
+        lc = self.cfg.loss
+        moved = moving_mask(prev, target, lc.moving_threshold)
+        fg = foreground_mask(x, target, lc.moving_threshold, lc.foreground == "sequence")
+        return 1 + lc.moving_pixel_weight * torch.maximum(moved, fg)
+
+    def _current_frame_loss(self, x: torch.Tensor, z: torch.Tensor) -> Term:
+        """Autoencoding two frames per sequence trains the encoder and decoder (decoding dominates an
+        update's cost: cross-attention at 64x64)."""
+        L = x.shape[1]
+        idx = [max(0, L - 4), L - 2]
+        real = rearrange(x[:, idx], "b n h w -> (b n) h w")
+        prev = rearrange(x[:, [max(0, i - 1) for i in idx]], "b n h w -> (b n) h w")
+        err = (self.decode(rearrange(z[:, idx], "b n e -> (b n) e")) - real).square()  # (2B, H, W)
+        loss = (err * self._pixel_weights(x, prev, real)).mean()
+        return loss, {"world_model/current_frame_loss": loss, "world_model/recon_mse": err.mean()}
+
+    def _next_frame_loss(self, x: torch.Tensor, z_pred: torch.Tensor) -> Term:
+        """The last window's predicted next latent, decoded with the decoder held fixed, must draw the real
+        next frame: trains the predictor only (blurry early predictions would otherwise teach the decoder
+        to draw an average frame without the ball)."""
+        now, nxt = x[:, -2], x[:, -1]
+        pred = self.decode(
+            rearrange(z_pred, "(b p) e -> b p e", p=self.cfg.pred_steps)[:, -1], frozen=True
+        )  # (B, H, W)
+        err = (pred - nxt).square()
+        loss = (err * self._pixel_weights(x, now, nxt)).mean()
+        with torch.no_grad():
+            moving = moving_mask(now, nxt, self.cfg.loss.moving_threshold) > 0
+            n_moving = moving.sum().clamp(min=1)
+            metrics = {
+                "world_model/next_frame_loss": loss,
+                "world_model/next_frame_mse": err.mean(),
+                "world_model/next_frame_mse_moving": (err * moving).sum() / n_moving,
+                "world_model/copy_last_mse_moving": ((nxt - now).square() * moving).sum() / n_moving,
+            }
+        return loss, metrics
+
+    def _head_losses(self, batch: Batch, z: torch.Tensor, dyn: Dynamics, head_batch: Batch | None) -> dict[str, Term]:
+        """Class-balanced reward (two-hot) and continue losses of the heads on transitions ``z_t -> z_next``
+        of four kinds: the one-step predictions (what imagination gives them), every real pair of the
+        sequence (rewarded sequences are oversampled, and with only the last P pairs half of those rewards
+        never reached the heads), the open-loop pairs (deep into an imagined rollout) and the head batch's
+        real pairs (few rewarded pairs per main batch; these cost an encoder pass and no decoding)."""
+        lc = self.cfg.loss
+        K, P = self.cfg.context, self.cfg.pred_steps
+        B, L = batch.frames.shape[:2]
         if self.training:
-            self.head_input_norm.update(z_sg)
-        head_from = [
-            z_now.detach(),
-            rearrange(z_sg[:, :-1], "b t e -> (b t) e"),
-            rearrange(z_open_prev, "b p e -> (b p) e"),
-        ]
-        head_to = [z_pred_sg, rearrange(z_sg[:, 1:], "b t e -> (b t) e"), rearrange(z_open, "b p e -> (b p) e")]
-        rew_parts = [rew, rearrange(batch.rewards[:, : L - 1], "b t -> (b t)"), rew]
-        cont_parts = [cont, rearrange(batch.continues[:, : L - 1], "b t -> (b t)"), cont]
+            self.head_input_norm.update(z)
+        z_pred, z_open = dyn.z_pred, dyn.z_open
+        if not lc.heads_shape_predictor:
+            z_pred, z_open = z_pred.detach(), z_open.detach()
+        z_open_prev = torch.cat([z[:, K - 1 : K], z_open[:, :-1]], dim=1)  # (B, P, E)
+        last_p = lambda t: rearrange(t[:, K - 1 : K - 1 + P], "b p -> (b p)")  # noqa: E731
+        pairs = lambda t: rearrange(t, "b t ... -> (b t) ...")  # noqa: E731
+        head_from = [pairs(z[:, K - 1 : K - 1 + P]), pairs(z[:, :-1]), pairs(z_open_prev)]
+        head_to = [z_pred, pairs(z[:, 1:]), pairs(z_open)]
+        rewards = [last_p(batch.rewards), pairs(batch.rewards), last_p(batch.rewards)]
+        conts = [last_p(batch.continues), pairs(batch.continues), last_p(batch.continues)]
         if head_batch is not None:
-            # The main batch gives the heads few rewarded pairs (about 16 per update on Catch) while a
-            # probe on the same latents read catch vs miss near-perfectly: these extra real pairs cost an
-            # encoder pass without gradient and no decoding.
             with torch.no_grad():
                 z_h = self.encode(head_batch.frames)  # (B2, T2+1, E)
-            head_from.append(rearrange(z_h[:, :-1], "b t e -> (b t) e"))
-            head_to.append(rearrange(z_h[:, 1:], "b t e -> (b t) e"))
-            rew_parts.append(rearrange(head_batch.rewards, "b t -> (b t)"))
-            cont_parts.append(rearrange(head_batch.continues, "b t -> (b t)"))
+            head_from.append(pairs(z_h[:, :-1]))
+            head_to.append(pairs(z_h[:, 1:]))
+            rewards.append(pairs(head_batch.rewards))
+            conts.append(pairs(head_batch.continues))
         rew_logits, cont_logit = self.heads(torch.cat(head_from), torch.cat(head_to))
-        rew, cont = torch.cat(rew_parts), torch.cat(cont_parts)
+        rew, cont = torch.cat(rewards), torch.cat(conts)
         rewarded = rew != 0
         rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
         reward_weights = sign_balanced_weights(rew) if lc.reward_sign_balance else balanced_weights(rewarded)
         loss_reward = (rew_ce * reward_weights).mean()
         cont_bce = F.binary_cross_entropy_with_logits(cont_logit, cont, reduction="none")
         loss_cont = (cont_bce * balanced_weights(cont < 0.5)).mean()
+        # Accuracies on the predicted pairs [:n] (what imagination runs on) and the open-loop pairs [o:q].
+        n, o = B * P, B * P + B * (L - 1)
+        metrics = self._head_metrics(rew_logits[:n], cont_logit[:n], rew[:n], cont[:n])
+        metrics["world_model/reward_acc_rewarded_open_loop"] = self._reward_accuracy(
+            rew_logits[o : o + n], rew[o : o + n]
+        )[1]
+        metrics["world_model/reward_loss"] = loss_reward
+        metrics["world_model/cont_loss"] = loss_cont
+        return {"reward": (loss_reward, {}), "cont": (loss_cont, metrics)}
 
-        loss = (
-            lc.next_frame * loss_next
-            + lc.current_frame * loss_now
-            + lc.latent * loss_latent
-            + lc.open_loop * loss_open
-            + lc.reward * loss_reward
-            + lc.cont * loss_cont
-            + lc.motion_map * loss_motion
-            + lc.motion_map_predicted * loss_motion_pred
-        )
+    def _reward_accuracy(self, rew_logits: torch.Tensor, rew: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step correctness of the balanced reward head (within half the reward, or 0.5) ``[N]`` bool,
+        and its accuracy on rewarded steps."""
         with torch.no_grad():
-            moving = move_next > 0
-            n_moving = moving.sum().clamp(min=1)
-            # Head accuracies on the predicted latents only: those are what imagination runs on.
-            # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:q], head-batch pairs [q:]
-            n, o = B * P, B * P + B * (L - 1)
-            q = o + B * P
-            open_hat = twohot_decode(rew_logits[o:q], self.reward_bins)
-            open_ok = (open_hat - rew[o:q]).abs() < 0.5 * rew[o:q].abs().clamp(min=1.0)
-            open_acc_rewarded = (open_ok & rewarded[o:q]).sum() / rewarded[o:q].sum().clamp(min=1)
-            rew, cont, rewarded = rew[:n], cont[:n], rewarded[:n]
-            rew_hat = twohot_decode(rew_logits[:n], self.reward_bins)
-            rew_ok = (rew_hat - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
-            n_rew = rewarded.sum()
-            # The accuracies above read the balanced heads; imagination reads them calibrated to the real
-            # rewarded fraction, which on a sparse game (Breakout: ~0.3% of random-policy steps) pays a
-            # small share of a true reward even where the balanced head is right. (The Dyna loop sets the
-            # rates once the policy starts; until then both read the balanced head.)
-            paid = twohot_decode(self.calibrate_reward(rew_logits[:n]), self.reward_bins)
-            share = (paid / rew.where(rewarded, torch.ones_like(rew)) * rewarded).sum() / n_rew.clamp(min=1)
-            n_quiet = (~rewarded).sum().clamp(min=1)
-            ended = cont < 0.5
-            cont_ok = (cont_logit[:n] > 0) == (cont > 0.5)
-            metrics = {
-                "world_model/loss": loss.detach(),
-                "world_model/next_frame_loss": loss_next.detach(),
-                "world_model/current_frame_loss": loss_now.detach(),
-                "world_model/latent_loss": loss_latent.detach(),
-                "world_model/open_loop_latent_mse_last": open_err[-1].detach(),
-                "world_model/reward_loss": loss_reward.detach(),
-                "world_model/cont_loss": loss_cont.detach(),
-                "world_model/next_frame_mse": next_err.mean(),
-                "world_model/next_frame_mse_moving": (next_err * moving).sum() / n_moving,
-                "world_model/copy_last_mse_moving": ((x_next - x_now).square() * moving).sum() / n_moving,
-                "world_model/recon_mse": now_err.mean(),
-                "world_model/reward_acc": rew_ok.float().mean(),
-                "world_model/reward_acc_rewarded": (rew_ok & rewarded).sum() / n_rew.clamp(min=1),
-                "world_model/reward_acc_rewarded_open_loop": open_acc_rewarded,
-                "world_model/reward_acc_unrewarded": (rew_ok & ~rewarded).sum() / n_quiet,
-                "world_model/reward_paid_share_rewarded": share,
-                "world_model/reward_paid_abs_unrewarded": (paid.abs() * ~rewarded).sum() / n_quiet,
-                "world_model/rewarded_fraction": rewarded.float().mean(),
-                "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
-                "world_model/cont_acc": cont_ok.float().mean(),
-            }
-            if self.motion_head is not None:
-                metrics["world_model/motion_map_loss"] = loss_motion.detach()
-                metrics["world_model/motion_map_hit"] = motion_hit
-            if self.motion_head is not None and lc.motion_map_predicted > 0:
-                metrics["world_model/motion_map_predicted_loss"] = loss_motion_pred.detach()
-                metrics["world_model/motion_map_predicted_hit"] = motion_pred_hit
-        return loss, metrics, z.detach()
+            ok = (twohot_decode(rew_logits, self.reward_bins) - rew).abs() < 0.5 * rew.abs().clamp(min=1.0)
+            rewarded = rew != 0
+            return ok, (ok & rewarded).sum() / rewarded.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def _head_metrics(
+        self, rew_logits: torch.Tensor, cont_logit: torch.Tensor, rew: torch.Tensor, cont: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        rewarded = rew != 0
+        rew_ok, acc_rewarded = self._reward_accuracy(rew_logits, rew)
+        n_quiet = (~rewarded).sum().clamp(min=1)
+        # The accuracies read the balanced heads; imagination reads them calibrated to the real rewarded
+        # fraction, which on a sparse game (Breakout: ~0.3% of random-policy steps) pays a small share of
+        # a true reward even where the balanced head is right. (The Dyna loop sets the rates once the
+        # policy starts; until then both read the balanced head.)
+        paid = twohot_decode(self.calibrate_reward(rew_logits), self.reward_bins)
+        share = (paid / rew.where(rewarded, torch.ones_like(rew)) * rewarded).sum() / rewarded.sum().clamp(min=1)
+        ended = cont < 0.5
+        cont_ok = (cont_logit > 0) == (cont > 0.5)
+        return {
+            "world_model/reward_acc": rew_ok.float().mean(),
+            "world_model/reward_acc_rewarded": acc_rewarded,
+            "world_model/reward_acc_unrewarded": (rew_ok & ~rewarded).sum() / n_quiet,
+            "world_model/reward_paid_share_rewarded": share,
+            "world_model/reward_paid_abs_unrewarded": (paid.abs() * ~rewarded).sum() / n_quiet,
+            "world_model/rewarded_fraction": rewarded.float().mean(),
+            "world_model/cont_acc_terminal": (cont_ok & ended).sum() / ended.sum().clamp(min=1),
+            "world_model/cont_acc": cont_ok.float().mean(),
+        }
+
+    def _motion_map_losses(self, x: torch.Tensor, z: torch.Tensor, z_open: torch.Tensor) -> dict[str, Term]:
+        """Every latent must place, over coarse cells, where pixels brightened since the previous frame:
+        unlike the pixel losses this reaches the encoder as strongly for a small, dim ball as for the
+        paddle. ``motion_map_predicted``: the same, read with the head held fixed, on the open-loop latents
+        (the predictor must carry the objects to where they arrive)."""
+        lc = self.cfg.loss
+        if self.motion_head is None:
+            return {}
+        K, B = self.cfg.context, x.shape[0]
+        target = arrival_map(
+            rearrange(x[:, :-1], "b t h w -> (b t) h w"),
+            rearrange(x[:, 1:], "b t h w -> (b t) h w"),
+            lc.moving_threshold,
+            lc.motion_map_cells,
+        )  # (B*(L-1), cells^2)
+        loss, hit = spatial_cross_entropy(self.motion_head(rearrange(z[:, 1:], "b t e -> (b t) e")), target)
+        terms = {"motion_map": (loss, {"world_model/motion_map_loss": loss, "world_model/motion_map_hit": hit})}
+        if lc.motion_map_predicted > 0:
+            # The open-loop chain predicts frames K..K+P-1: the last P of the L-1 arrivals.
+            target_pred = rearrange(rearrange(target, "(b t) c -> b t c", b=B)[:, K - 1 :], "b p c -> (b p) c")
+            fixed = {name: w.detach() for name, w in self.motion_head.named_parameters()}
+            logits = torch.func.functional_call(self.motion_head, fixed, (rearrange(z_open, "b p e -> (b p) e"),))
+            loss_pred, hit_pred = spatial_cross_entropy(logits, target_pred)
+            terms["motion_map_predicted"] = (
+                loss_pred,
+                {"world_model/motion_map_predicted_loss": loss_pred, "world_model/motion_map_predicted_hit": hit_pred},
+            )
+        return terms

@@ -1,0 +1,228 @@
+"""What a world model knows, read on held-out real data: does its latent place the objects, does its
+predictor carry them forward, and does imagination pay rewards and end lives where the game does?
+
+Every figure comes from windows of held-out random-policy play: ``K`` real context frames are encoded,
+then the predictor runs ``d`` steps open loop on its own outputs under the real actions, as imagination
+does. Positions are read by an MLP probe fitted on encoder latents of the first 80% of the data and
+scored (R^2) on latents of the rest: the encoder's own, and the predictor's at each depth ``d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.replay import ReplayBuffer
+from envs.annotations import POSITION_NAMES, AnnotatedRollout
+from worldmodel.world_model import WorldModel
+
+DEPTHS = (1, 2, 3, 4, 5, 6, 7, 8)
+SIGN_SHARE = 0.1
+"""A paid reward has "the right sign" when it has the true reward's sign and at least this share of
+its size: a head that cannot tell a won point from a lost one pays ~0, and that counts as wrong."""
+
+
+def r2(pred: np.ndarray, y: np.ndarray) -> float:
+    """Coefficient of determination of ``pred`` for ``y`` (1 is perfect, 0 is predicting the mean)."""
+    return float(1 - ((pred - y) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
+
+
+class MLPProbe:
+    """A two-hidden-layer MLP regressor on standardized inputs and target, fitted with Adam."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, steps: int = 2000, seed: int = 0, hidden: int = 256) -> None:
+        """Fit on inputs ``x [N, D]`` and targets ``y [N]``."""
+        gen = torch.Generator().manual_seed(seed)
+        self.mu, self.sd = x.mean(0), x.std(0) + 1e-6
+        self.ym, self.ys = float(y.mean()), float(y.std()) + 1e-6
+        a = self._inputs(x)
+        t = torch.as_tensor((y - self.ym) / self.ys, dtype=torch.float32)[:, None]
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(
+            nn.Linear(a.shape[1], hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
+        opt = torch.optim.Adam(self.net.parameters(), 1e-3, weight_decay=1e-4)
+        for _ in range(steps):
+            idx = torch.randint(0, len(a), (256,), generator=gen)
+            loss = (self.net(a[idx]) - t[idx]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def _inputs(self, x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor((x - self.mu) / self.sd, dtype=torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Inputs ``[M, D]`` -> predicted targets ``[M]``."""
+        return self.net(self._inputs(x))[:, 0].numpy() * self.ys + self.ym
+
+
+def replay_of(rollout: AnnotatedRollout) -> ReplayBuffer:
+    """The rollout's transitions in a replay buffer (same layout), for the next-frame measures."""
+    S, N = rollout.actions.shape
+    buf = ReplayBuffer(S * N, N)
+    for name in ("frames", "actions", "rewards", "terminated", "life_loss", "is_first"):
+        getattr(buf, name)[:] = getattr(rollout, name)
+    buf.filled, buf.pos = S, 0
+    return buf
+
+
+def episode_windows(is_first: np.ndarray, length: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every window of ``length`` consecutive slots inside ``[lo, hi)`` of one episode: start slots and env
+    indices ``[M]`` each (``is_first [S, N]`` marks frames that start an episode)."""
+    S, N = is_first.shape
+    starts = np.arange(lo, hi - length + 1)
+    if len(starts) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # Windows whose frames after the first include an episode start cross a reset.
+    later_first = np.lib.stride_tricks.sliding_window_view(is_first[lo + 1 : hi], length - 1, axis=0)  # (M, N, L-1)
+    ok = ~later_first.any(-1)[: len(starts)]  # (M, N)
+    s_idx, n_idx = np.nonzero(ok)
+    return starts[s_idx], n_idx
+
+
+@torch.no_grad()
+def encode_all(wm: WorldModel, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
+    """uint8 frames ``[S, N, H, W]`` -> latents ``[S, N, E]`` (float32, on the CPU)."""
+    S, N = frames.shape[:2]
+    flat = torch.from_numpy(frames.reshape(S * N, 1, *frames.shape[2:]))
+    device = next(wm.parameters()).device
+    out = [wm.encode(flat[i : i + chunk].to(device))[:, 0].float().cpu() for i in range(0, len(flat), chunk)]
+    return torch.cat(out).reshape(S, N, -1)
+
+
+@dataclass
+class OpenLoop:
+    """``d`` imagined steps from real context for a set of windows: the last predicted latent ``[M, E]``,
+    the calibrated reward and continue probability of the last step ``[M]``."""
+
+    latent: torch.Tensor
+    reward: torch.Tensor
+    cont: torch.Tensor
+
+
+@torch.no_grad()
+def open_loop(
+    wm: WorldModel,
+    z: torch.Tensor,
+    actions: np.ndarray,
+    starts: np.ndarray,
+    envs: np.ndarray,
+    d: int,
+    chunk: int = 1024,
+) -> OpenLoop:
+    """From the ``K`` real latents ``z [S, N, E]`` at ``starts..starts+K-1`` of copy ``envs``, ``d`` predictor
+    steps under the real actions taken from the last context frame on."""
+    K = wm.cfg.context
+    device = next(wm.parameters()).device
+    parts = []
+    for i in range(0, len(starts), chunk):
+        s, n = starts[i : i + chunk], envs[i : i + chunk]
+        window = z[s[:, None] + np.arange(K), n[:, None]].to(device)  # (m, K, E)
+        for j in range(d):
+            a = torch.as_tensor(actions[s + K - 1 + j, n], device=device)
+            pred = wm.imagine_step(window, a)
+            window = torch.cat([window[:, 1:], pred.latent.to(window.dtype)], dim=1)
+        parts.append((window[:, -1].float().cpu(), pred.reward.float().cpu(), pred.cont.float().cpu()))
+    if not parts:
+        empty = torch.zeros(0)
+        return OpenLoop(torch.zeros(0, z.shape[-1]), empty, empty)
+    return OpenLoop(*(torch.cat(p) for p in zip(*parts, strict=True)))
+
+
+def _subsample(mask: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    idx = np.flatnonzero(mask)
+    return idx if len(idx) <= cap else np.sort(rng.choice(idx, cap, replace=False))
+
+
+def world_model_report(
+    wm: WorldModel,
+    data: ReplayBuffer,
+    positions: np.ndarray | None = None,
+    ball_in_play: np.ndarray | None = None,
+    depths: tuple[int, ...] = DEPTHS,
+    max_windows: int = 2048,
+    probe_steps: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Items 1-4 of issue 22 on held-out data ``data`` (arrays ``[S, N]`` from slot 0, as
+    :func:`replay_of` or ``random_replay`` leave them); ``positions [S, N, 3]`` and ``ball_in_play [S, N]``
+    (see :class:`AnnotatedRollout`) add the probes. The world model's ``base_rates`` must be set.
+
+    Returns ``probe`` (R^2 of each position on encoder latents), ``open_loop`` (per depth: R^2 of the same
+    probe on the predictor's latents, and ``hold_last_*`` for the last real latent held still), and per
+    depth ``reward_paid_share`` (mean of paid / true reward on rewarded steps), ``reward_paid_unrewarded``
+    (mean |paid| elsewhere), ``reward_sign_acc`` (see :data:`SIGN_SHARE`), ``life_loss_recall`` (continue
+    probability below 0.5 where a life or the game ended) and ``false_end_rate`` (the same elsewhere),
+    with the number of windows behind each."""
+    wm.eval()
+    rng = np.random.default_rng(seed)
+    S = data.filled
+    K = wm.cfg.context
+    z = encode_all(wm, data.frames[:S])
+    split = int(0.8 * S)
+    report: dict = {"windows": {}}
+    probes: dict[str, MLPProbe] = {}
+    if positions is not None:
+        report["probe"], report["open_loop"] = {}, {}
+        for j, name in enumerate(POSITION_NAMES):
+            keep = ball_in_play[:S] if j > 0 else np.ones((S, data.num_envs), bool)  # the ball only in play
+            fit, test = keep.copy(), keep.copy()
+            fit[split:], test[:split] = False, False
+            probes[name] = MLPProbe(z[fit].numpy(), positions[:S][fit][:, j], steps=probe_steps, seed=seed)
+            report["probe"][f"{name}_r2"] = r2(probes[name](z[test].numpy()), positions[:S][test][:, j])
+    rewards, ends = data.rewards[:S], data.terminated[:S] | data.life_loss[:S]
+    measures: dict[str, dict[str, float]] = {}
+    for d in depths:
+        L = K + d
+        cats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        starts, envs = episode_windows(data.is_first[:S], L, 0, S)
+        last = starts + L - 2  # the slot of the last imagined transition
+        r_last, end_last = rewards[last, envs], ends[last, envs]
+        for cat, mask, cap in (
+            ("rewarded", r_last != 0, 10**9),
+            ("unrewarded", r_last == 0, max_windows),
+            ("ended", end_last, 10**9),
+            ("going_on", ~end_last, max_windows),
+        ):
+            idx = _subsample(mask, cap, rng)
+            cats[cat] = (starts[idx], envs[idx])
+        if positions is not None:
+            ts, te = episode_windows(data.is_first[:S], L, split, S)
+            target_in_play = ball_in_play[ts + L - 1, te]
+            idx = _subsample(np.ones(len(ts), bool), max_windows, rng)
+            cats["probe"] = (ts[idx], te[idx])
+            cats["probe_ball"] = (ts[idx][target_in_play[idx]], te[idx][target_in_play[idx]])
+        runs = {cat: open_loop(wm, z, data.actions, s, e, d) for cat, (s, e) in cats.items()}
+        m: dict[str, float] = {}
+        rs, re = cats["rewarded"]
+        r_true = torch.as_tensor(rewards[rs + L - 2, re])
+        paid = runs["rewarded"].reward
+        m["reward_paid_share"] = float((paid / r_true).mean()) if len(r_true) else float("nan")
+        m["reward_sign_acc"] = (
+            float((paid * r_true.sign() >= SIGN_SHARE * r_true.abs()).float().mean()) if len(r_true) else float("nan")
+        )
+        m["reward_paid_unrewarded"] = float(runs["unrewarded"].reward.abs().mean())
+        ended = runs["ended"].cont
+        m["life_loss_recall"] = float((ended < 0.5).float().mean()) if len(ended) else float("nan")
+        m["false_end_rate"] = float((runs["going_on"].cont < 0.5).float().mean())
+        report["windows"][str(d)] = {cat: len(s) for cat, (s, _) in cats.items()}
+        if positions is not None:
+            for j, name in enumerate(POSITION_NAMES):
+                cat = "probe" if j == 0 else "probe_ball"
+                s, e = cats[cat]
+                truth = positions[s + L - 1, e, j]
+                m[f"{name}_r2"] = r2(probes[name](runs[cat].latent.numpy()), truth)
+                m[f"hold_last_{name}_r2"] = r2(probes[name](z[s + K - 1, e].numpy()), truth)
+        measures[str(d)] = m
+    for key in ("reward_paid_share", "reward_paid_unrewarded", "reward_sign_acc", "life_loss_recall", "false_end_rate"):
+        report[key] = {d: m[key] for d, m in measures.items()}
+    if positions is not None:
+        for name in POSITION_NAMES:
+            for key in (f"{name}_r2", f"hold_last_{name}_r2"):
+                report["open_loop"][key] = {d: m[key] for d, m in measures.items()}
+    return report

@@ -1,0 +1,96 @@
+"""The held-out world-model measures of ``wm-agent bench world-model``: RAM-labelled rollouts, probes,
+open-loop windows and the report's fields."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agent.config import preset
+from agent.wm_report import MLPProbe, episode_windows, open_loop, r2, replay_of, world_model_report
+from envs.annotations import POSITION_NAMES, annotated_rollout, has_annotations
+from worldmodel.world_model import WorldModel
+
+
+@pytest.fixture(scope="module")
+def breakout_rollout():
+    return annotated_rollout("ALE/Breakout-v5", steps=600, num_envs=2, seed=0)
+
+
+def test_r2_and_a_probe_that_can_read_the_target() -> None:
+    y = np.linspace(0, 1, 50)
+    assert r2(y, y) == 1.0
+    assert abs(r2(np.full_like(y, y.mean()), y)) < 1e-12
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 8))
+    target = 3 * x[:, 2] - x[:, 5]
+    probe = MLPProbe(x[:1600], target[:1600], steps=500)
+    assert r2(probe(x[1600:]), target[1600:]) > 0.95
+    noise = MLPProbe(rng.normal(size=(1600, 8)), target[:1600], steps=200)
+    assert r2(noise(rng.normal(size=(400, 8))), target[1600:]) < 0.2
+
+
+def test_windows_stay_inside_one_episode() -> None:
+    is_first = np.zeros((10, 2), bool)
+    is_first[0] = True
+    is_first[6, 1] = True  # copy 1 starts a new episode at slot 6
+    starts, envs = episode_windows(is_first, 3, 0, 10)
+    assert len(starts) == 8 + 6  # copy 0: starts 0..7; copy 1: 0..3 and 6..7
+    for s, n in zip(starts, envs, strict=True):
+        assert not is_first[s + 1 : s + 3, n].any()
+    starts, envs = episode_windows(is_first, 3, 5, 10)
+    assert sorted(zip(starts.tolist(), envs.tolist(), strict=True)) == [(5, 0), (6, 0), (6, 1), (7, 0), (7, 1)]
+
+
+def test_rollout_labels_positions_from_ram(breakout_rollout) -> None:
+    r = breakout_rollout
+    assert has_annotations("ALE/Breakout-v5") and has_annotations("ALE/Pong-v5")
+    assert not has_annotations("ALE/Seaquest-v5") and not has_annotations("wm/Catch-v0")
+    assert r.frames.shape == (300, 2, 64, 64) and r.positions.shape == (300, 2, len(POSITION_NAMES))
+    assert r.is_first[0].all()
+    assert 0.3 < r.ball_in_play.mean() < 1.0
+    # The paddle moves under random actions and the ball's coordinates are on screen while in play.
+    assert r.positions[..., 0].std() > 5
+    assert (r.positions[..., 1:][r.ball_in_play] > 0).all()
+    with pytest.raises(ValueError, match="no RAM position annotations"):
+        annotated_rollout("wm/Catch-v0", 10)
+
+
+def test_report_fields_present_and_finite(breakout_rollout) -> None:
+    torch.manual_seed(0)
+    cfg = preset("debug").world_model
+    wm = WorldModel(cfg, num_actions=4)
+    wm.set_base_rates(0.01, 0.02)
+    data = replay_of(breakout_rollout)
+    depths = (1, 4)
+    r = breakout_rollout
+    rep = world_model_report(wm, data, r.positions, r.ball_in_play, depths=depths, probe_steps=50, max_windows=64)
+    assert set(rep["probe"]) == {f"{n}_r2" for n in POSITION_NAMES}
+    for name in POSITION_NAMES:
+        for key in (f"{name}_r2", f"hold_last_{name}_r2"):
+            assert set(rep["open_loop"][key]) == {"1", "4"}
+    for key in ("reward_paid_share", "reward_paid_unrewarded", "reward_sign_acc", "life_loss_recall", "false_end_rate"):
+        assert set(rep[key]) == {"1", "4"}
+    flat = [*rep["probe"].values(), *(v for k in rep["open_loop"].values() for v in k.values())]
+    flat += [rep[k][d] for k in ("reward_paid_unrewarded", "false_end_rate") for d in ("1", "4")]
+    assert all(math.isfinite(v) for v in flat)
+    assert rep["windows"]["4"]["probe"] <= 64 and rep["windows"]["1"]["ended"] > 0
+
+
+def test_open_loop_depth_zero_context_matches_imagine_step() -> None:
+    torch.manual_seed(0)
+    cfg = preset("debug").world_model
+    wm = WorldModel(cfg, num_actions=3).eval()
+    K = cfg.context
+    z = torch.randn(K + 2, 1, cfg.encoder.latent_dim)
+    actions = np.array([[0], [1], [2], [1], [0]])[: K + 2]
+    out = open_loop(wm, z, actions, np.array([0]), np.array([0]), d=2)
+    window = z[:K, 0][None]
+    for j in range(2):
+        pred = wm.imagine_step(window, torch.tensor([actions[K - 1 + j, 0]]))
+        window = torch.cat([window[:, 1:], pred.latent], dim=1)
+    assert torch.allclose(out.latent, window[:, -1], atol=1e-6)
+    assert torch.allclose(out.reward, pred.reward, atol=1e-6)
