@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -20,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
-from agent.config import PRESETS, UsageError, preset
+from agent.config import PRESETS, UsageError, parse_config, preset, validate_config
+from agent.machine import machine_info
 from agent.policy import ActorCritic
 from agent.ppo import PPO
 from agent.replay import ReplayBuffer, random_replay
@@ -30,27 +29,6 @@ from envs.annotations import annotated_rollout, has_annotations
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
-
-
-def machine_info(device: torch.device) -> dict[str, str | int]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, str | int] = {
-        "cpu": cpu,
-        "cores": os.cpu_count() or 0,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -350,8 +328,6 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from agent.cli import parse_config, validate_config
-
     console = Console()
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
@@ -474,28 +450,30 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
 
 def report_table(result: dict) -> Table:
     """Items 1-4 of issue 22 by open-loop depth: what the latent and the predictor hold, and what
-    imagination pays."""
-    shown = (1, 4, 8)
-    table = Table(title="held-out windows, the predictor run open loop from real context under the real actions")
+    imagination pays (every depth 1-8 is in the JSON)."""
+    shown = ("1", "4", "8")
+    table = Table(title="held-out play: encoder, and the predictor run open loop from real context")
     table.add_column("measure")
     table.add_column("encoder", justify="right")
     for d in shown:
         table.add_column(f"depth {d}", justify="right")
-    for name in ("paddle_x", "ball_x", "ball_y"):
-        if "probe" in result:
-            ol = result["open_loop"]
+    if "probe" in result:
+        ol = result["open_loop"]
+        for name in ("paddle_x", "ball_x", "ball_y"):
             table.add_row(
-                f"{name} R^2 (hold last latent)",
-                f"{result['probe'][f'{name}_r2']:.3f}",
-                *(f"{ol[f'{name}_r2'][str(d)]:.3f} ({ol[f'hold_last_{name}_r2'][str(d)]:.3f})" for d in shown),
+                f"{name} R^2", f"{result['probe'][f'{name}_r2']:.3f}", *(f"{ol[f'{name}_r2'][d]:.3f}" for d in shown)
             )
-    for key in ("reward_paid_share", "reward_paid_unrewarded", "reward_sign_acc", "life_loss_recall", "false_end_rate"):
-        table.add_row(key, "", *(f"{result[key][str(d)]:.3f}" for d in shown))
-    table.add_row(
-        "windows rewarded / ended",
-        "",
-        *(f"{result['windows'][str(d)]['rewarded']} / {result['windows'][str(d)]['ended']}" for d in shown),
-    )
+            table.add_row("  last latent held", "", *(f"{ol[f'hold_last_{name}_r2'][d]:.3f}" for d in shown))
+    for key, label in (
+        ("reward_paid_share", "reward paid / true"),
+        ("reward_paid_unrewarded", "paid when none"),
+        ("reward_sign_acc", "reward sign right"),
+        ("life_loss_recall", "life loss flagged"),
+        ("false_end_rate", "end flagged, none"),
+    ):
+        table.add_row(label, "", *(f"{result[key][d]:.3f}" for d in shown))
+    windows = result["windows"]
+    table.add_row("rewarded / ended", "", *(f"{windows[d]['rewarded']} / {windows[d]['ended']}" for d in shown))
     return table
 
 

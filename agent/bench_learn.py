@@ -22,6 +22,7 @@ from agent.config import PRESETS, preset, to_dict
 from agent.dyna import DynaTrainer
 from agent.evaluate import evaluate
 from agent.logger import RunLogger
+from agent.machine import machine_info
 
 
 def rolling_curve(end_steps: list[int], returns: list[float], window: int = 100) -> tuple[list[int], list[float]]:
@@ -189,7 +190,6 @@ def _ratio(a: float, b: float) -> str:
 
 
 def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
-    from agent.bench import machine_info
 
     w = [r["wm_agent"]["eval_mean"] for r in results]
     b = [r["sb3_ppo"]["eval_mean"] for r in results]

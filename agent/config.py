@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import re
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
+
+import tyro
 
 from agent.policy import PolicyConfig
 from agent.ppo import PPOConfig
@@ -220,3 +226,67 @@ def from_dict(d: dict) -> TrainConfig:
         policy=PolicyConfig(**d["policy"]),
         ppo=PPOConfig(**d["ppo"]),
     )
+
+
+def parse_config(args: list[str], default: TrainConfig, description: str) -> TrainConfig:
+    """tyro's parse of the config fields; its boxed error becomes one :class:`UsageError` line."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            return tyro.cli(
+                TrainConfig,
+                default=default,
+                args=args,
+                prog="wm-agent train",
+                description=description,
+                config=(tyro.conf.FlagConversionOff,),
+            )
+    except SystemExit as e:
+        if not e.code:  # --help
+            sys.stdout.write(out.getvalue())
+            raise
+        lines = [ln.strip(" \t│╭╮╰╯") for ln in (err.getvalue() + out.getvalue()).splitlines()]
+        lines = [ln for ln in lines if ln.strip("─-━ ")]  # drop rules and blank lines
+        # lines[0] is the box title ("Value error"); the reason follows it.
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "invalid arguments")
+        raise UsageError(f"{detail} (see wm-agent train --help)") from None
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject settings that would fail deep inside a run, naming the flag (raises :class:`UsageError`)."""
+    if cfg.steps <= 0:
+        raise UsageError(f"--steps must be positive, got {cfg.steps}")
+    if cfg.num_envs <= 0:
+        raise UsageError(f"--num-envs must be positive, got {cfg.num_envs}")
+    if cfg.ppo.horizon <= 0:
+        raise UsageError(f"--ppo.horizon must be positive, got {cfg.ppo.horizon}")
+    if cfg.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if not 0.0 <= cfg.sticky_actions < 1.0:
+        raise UsageError(f"--sticky-actions must be in [0, 1), got {cfg.sticky_actions}")
+    for name in ("rewarded_fraction", "head_rewarded_fraction"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.slow_world_model_decay < 1.0:
+        raise UsageError(f"--slow-world-model-decay must be in [0, 1), got {cfg.slow_world_model_decay}")
+    for name in ("log_every", "collect_steps", "keep_checkpoints", "max_nonfinite_updates"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0 or cfg.image_every < 0 or cfg.warmup_steps < 0:
+        raise UsageError("--checkpoint-every, --image-every and --warmup-steps must not be negative")
+    try:
+        cfg.world_model.validate()
+    except ValueError as e:
+        flag = re.sub(r"`([\w.]+)`", lambda m: "--world-model." + m.group(1).replace("_", "-"), str(e))
+        raise UsageError(flag) from None
+    if cfg.replay_capacity // cfg.num_envs < cfg.world_model.seq_len:
+        raise UsageError(
+            f"--replay-capacity {cfg.replay_capacity} cannot hold sequences of "
+            f"{cfg.world_model.seq_len} frames in each of {cfg.num_envs} envs"
+        )
+    if max(cfg.warmup_steps, cfg.collect_steps) // cfg.num_envs < cfg.world_model.seq_len:
+        raise UsageError(
+            f"the first world-model batch needs sequences of {cfg.world_model.seq_len} frames "
+            f"(--world-model.context + --world-model.pred-steps), but warm-up gives each of the {cfg.num_envs} "
+            f"envs only {max(cfg.warmup_steps, cfg.collect_steps) // cfg.num_envs}; raise --warmup-steps"
+        )

@@ -192,8 +192,8 @@ def test_persistent_nan_stops_run_with_last_checkpoint_intact(tmp_path: Path) ->
     trainer = DynaTrainer(cfg, tmp_path)
     real_loss = trainer.wm_trainer.loss_and_latents
 
-    def poisoned(batch, head_batch=None):
-        loss, m, z = real_loss(batch, head_batch)
+    def poisoned(batch, head_batch=None, dynamics_batch=None):
+        loss, m, z = real_loss(batch, head_batch, dynamics_batch)
         return (loss * float("nan") if trainer.counters.env_steps > 200 else loss), m, z
 
     trainer.wm_trainer.loss_and_latents = poisoned

@@ -111,7 +111,7 @@ def test_cpu_preset_and_document_sizes_run_one_loss() -> None:
         )
         loss, _ = wm.compute_loss(b)
         assert torch.isfinite(loss)
-        assert wm.encode(frames).shape == (2, L, cfg.encoder.embed_dim)
+        assert wm.encode(frames).shape == (2, L, cfg.encoder.latent_dim)
 
 
 def test_overfits_a_fixed_batch(catch_replay) -> None:
@@ -306,3 +306,40 @@ def test_flatten_latent_world_model_trains_end_to_end(catch_replay) -> None:
     cfg.predictor.embed_dim = 32
     with pytest.raises(ValueError, match="flatten_dim"):
         WorldModel(cfg, num_actions=3)
+
+
+def test_dynamics_batch_adds_to_the_predictor_losses_only(catch_replay) -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    wm = WorldModel(cfg, num_actions=3)
+    rng = np.random.default_rng(0)
+    batch = catch_replay.sample(4, cfg.seq_len, rng, rewarded_fraction=0.5)
+    extra = catch_replay.sample(6, cfg.seq_len, rng)
+    _, plain = wm.compute_loss(batch)
+    _, with_extra = wm.compute_loss(batch, dynamics_batch=extra)
+    for key in ("current_frame_loss", "next_frame_loss", "reward_loss", "cont_loss"):
+        assert torch.allclose(plain[f"world_model/{key}"], with_extra[f"world_model/{key}"]), key
+    assert not torch.allclose(plain["world_model/latent_loss"], with_extra["world_model/latent_loss"])
+    # The extra sequences are encoded without gradient: only the predictor learns from them.
+    cfg.loss.next_frame = cfg.loss.current_frame = cfg.loss.reward = cfg.loss.cont = 0.0
+    wm.zero_grad()
+    wm.compute_loss(batch, dynamics_batch=extra)[0].backward()
+    encoder_grad = sum(p.grad.abs().sum() for p in wm.encoder.parameters() if p.grad is not None)
+    assert encoder_grad == 0
+    assert all(p.grad is not None for p in wm.predictor.parameters())
+
+
+def test_heads_can_learn_from_real_transitions_only(catch_replay) -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    cfg.loss.heads_on_predicted = False
+    wm = WorldModel(cfg, num_actions=3)
+    batch = catch_replay.sample(4, cfg.seq_len, np.random.default_rng(0), rewarded_fraction=0.5)
+    _, before = wm.compute_loss(batch)
+    with torch.no_grad():
+        for p in wm.predictor.parameters():
+            p.add_(torch.randn_like(p))
+    _, after = wm.compute_loss(batch)
+    for key in ("reward_loss", "cont_loss"):
+        assert torch.allclose(before[f"world_model/{key}"], after[f"world_model/{key}"]), key
+    assert not torch.allclose(before["world_model/latent_loss"], after["world_model/latent_loss"])

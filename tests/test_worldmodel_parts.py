@@ -192,26 +192,18 @@ def test_flatten_pool_keeps_the_patch_layout() -> None:
     cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, pool="flatten", flatten_dim=4)
     assert cfg.latent_dim == 64 * 4
     encoder = VideoViT(cfg)
-    x = torch.rand(2, 1, 3, 64, 64)
-    z = encoder(x)
+    z = encoder(torch.rand(2, 1, 3, 64, 64))
     assert z.shape == (2, 3, 256)
     _assert_grads_reach_every_parameter(encoder, z.pow(2).mean())
-    # Each patch owns its own slice of the latent: the same object in two places gives latents that
-    # differ where the patches do, unlike a mean over patches, which sees a permutation of the same set.
+    # Each patch owns its slice of the latent: shuffling the patch tokens changes a flattened latent,
+    # while a mean over patches cannot tell the shuffled tokens from the originals.
     with torch.no_grad():
-        tokens = torch.randn(1, 1, 64, 32)
-        pooled = encoder.flatten_proj(encoder.norm(tokens))
-        assert pooled.shape == (1, 1, 64, 4)
-        swapped = tokens[:, :, torch.randperm(64)]
-        mean = VideoViT(EncoderConfig(embed_dim=32, depth=1, num_heads=2))
-        assert torch.allclose(mean.norm(tokens).mean(2), mean.norm(swapped).mean(2), atol=1e-6)
-        flat_a = rearrange_flat(encoder, tokens)
-        flat_b = rearrange_flat(encoder, swapped)
-        assert not torch.allclose(flat_a, flat_b)
-
-
-def rearrange_flat(encoder: VideoViT, tokens: torch.Tensor) -> torch.Tensor:
-    return encoder.flatten_proj(encoder.norm(tokens)).flatten(2)
+        tokens = encoder.norm(torch.randn(1, 1, 64, 32))
+        shuffled = tokens[:, :, torch.randperm(64)]
+        assert torch.allclose(tokens.mean(2), shuffled.mean(2), atol=1e-6)
+        flat = lambda t: encoder.flatten_proj(t).flatten(2)  # noqa: E731
+        assert flat(tokens).shape == (1, 1, 256)
+        assert not torch.allclose(flat(tokens), flat(shuffled))
 
 
 def test_document_form_is_the_default_pool() -> None:
@@ -219,3 +211,14 @@ def test_document_form_is_the_default_pool() -> None:
     assert cfg.pool == "mean" and cfg.latent_dim == cfg.embed_dim == 128
     with pytest.raises(ValueError, match="pool"):
         VideoViT(EncoderConfig(pool="max"))  # type: ignore[arg-type]
+
+
+def test_residual_predictor_starts_by_holding_the_last_latent() -> None:
+    cfg = PredictorConfig(embed_dim=32, depth=1, num_heads=2, residual=True)
+    predictor = LatentDynamicsPredictor(cfg, NUM_ACTIONS)
+    z = torch.randn(3, 4, 32)
+    actions = torch.tensor([0, 1, 2])
+    assert torch.equal(predictor(z, actions), z[:, -1:])
+    nn.init.normal_(predictor.head.weight, std=0.02)  # as after a first update
+    _assert_grads_reach_every_parameter(predictor, predictor(z, torch.arange(3)).pow(2).mean())
+    assert not torch.allclose(predictor(z, actions), z[:, -1:])

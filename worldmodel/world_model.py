@@ -52,6 +52,9 @@ class LossConfig:
     a seed whose imagination judged misses at only -0.24 to -0.62 (catches +0.38 to +0.90) stalled
     below the target. Off: on Catch (cpu preset, seeds 0-2) it took that seed to 0.9 and kept
     another from it, and evaluated at 0.79 on average against 0.91 without it."""
+    heads_on_predicted: bool = True
+    """The reward and continue heads also learn from predicted (one-step and open-loop) transitions, not
+    only from real ones."""
     heads_shape_predictor: bool = True
     """The reward and continue losses on predicted latents also train the predictor (through those
     latents). Off: the heads still learn from predicted latents, but the predictor learns only to land
@@ -446,14 +449,16 @@ class WorldModel(nn.Module):
             conts.append(pairs(head_batch.continues))
         rew_logits, cont_logit = self.heads(torch.cat(head_from), torch.cat(head_to))
         rew, cont = torch.cat(rewards), torch.cat(conts)
-        rewarded = rew != 0
-        rew_ce = -(twohot(rew, self.reward_bins) * rew_logits.log_softmax(-1)).sum(-1)
-        reward_weights = sign_balanced_weights(rew) if lc.reward_sign_balance else balanced_weights(rewarded)
-        loss_reward = (rew_ce * reward_weights).mean()
-        cont_bce = F.binary_cross_entropy_with_logits(cont_logit, cont, reduction="none")
-        loss_cont = (cont_bce * balanced_weights(cont < 0.5)).mean()
-        # Accuracies on the predicted pairs [:n] (what imagination runs on) and the open-loop pairs [o:q].
+        # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:o+n], head-batch pairs after
         n, o = B * P, B * P + B * (L - 1)
+        train = slice(None) if lc.heads_on_predicted else torch.cat([torch.arange(n, o), torch.arange(o + n, len(rew))])
+        t_rew, t_cont, t_logits = rew[train], cont[train], rew_logits[train]
+        rew_ce = -(twohot(t_rew, self.reward_bins) * t_logits.log_softmax(-1)).sum(-1)
+        reward_weights = sign_balanced_weights(t_rew) if lc.reward_sign_balance else balanced_weights(t_rew != 0)
+        loss_reward = (rew_ce * reward_weights).mean()
+        cont_bce = F.binary_cross_entropy_with_logits(cont_logit[train], t_cont, reduction="none")
+        loss_cont = (cont_bce * balanced_weights(t_cont < 0.5)).mean()
+        # Accuracies on the predicted pairs (what imagination runs on) and the open-loop pairs.
         metrics = self._head_metrics(rew_logits[:n], cont_logit[:n], rew[:n], cont[:n])
         metrics["world_model/reward_acc_rewarded_open_loop"] = self._reward_accuracy(
             rew_logits[o : o + n], rew[o : o + n]
