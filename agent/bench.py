@@ -365,7 +365,14 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
         batch = train_buf.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
         head = None
         if cfg.head_batch_size > 0:
-            head = train_buf.sample(cfg.head_batch_size, 2, rng, device, rewarded_fraction=cfg.head_rewarded_fraction)
+            head = train_buf.sample(
+                cfg.head_batch_size,
+                2,
+                rng,
+                device,
+                rewarded_fraction=cfg.head_rewarded_fraction,
+                ended_fraction=cfg.head_ended_fraction,
+            )
         dyn = None
         if cfg.dynamics_batch_size > 0:
             dyn = train_buf.sample(cfg.dynamics_batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)

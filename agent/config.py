@@ -81,6 +81,9 @@ class TrainConfig:
     head_rewarded_fraction: float = 0.5
     """Share of the head batch drawn from rewarded transitions. The main batch already gives the heads
     ~100 unrewarded pairs per update, so rewarded ones are what the heads are short of."""
+    head_ended_fraction: float = 0.0
+    """Share of the head batch drawn from transitions where a life or the game ends (after the rewarded
+    share), for the continue head; the main batch gives it ~3 such pairs per update on Breakout."""
     slow_world_model_decay: float = 0.0
     """When above 0, imagination and acting use a copy of the world model whose weights follow the
     trained one by an exponential moving average with this decay per world-model update (0.99: a time
@@ -264,9 +267,11 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--batch-size must be positive, got {cfg.batch_size}")
     if not 0.0 <= cfg.sticky_actions < 1.0:
         raise UsageError(f"--sticky-actions must be in [0, 1), got {cfg.sticky_actions}")
-    for name in ("rewarded_fraction", "head_rewarded_fraction"):
+    for name in ("rewarded_fraction", "head_rewarded_fraction", "head_ended_fraction"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.head_rewarded_fraction + cfg.head_ended_fraction > 1.0:
+        raise UsageError("--head-rewarded-fraction and --head-ended-fraction must add up to at most 1")
     if not 0.0 <= cfg.slow_world_model_decay < 1.0:
         raise UsageError(f"--slow-world-model-decay must be in [0, 1), got {cfg.slow_world_model_decay}")
     for name in ("log_every", "collect_steps", "keep_checkpoints", "max_nonfinite_updates"):

@@ -284,7 +284,12 @@ class DynaTrainer:
                     head_batch = None
                     if cfg.head_batch_size > 0:
                         head_batch = self.replay.sample(
-                            cfg.head_batch_size, 2, self.rng, self.device, rewarded_fraction=cfg.head_rewarded_fraction
+                            cfg.head_batch_size,
+                            2,
+                            self.rng,
+                            self.device,
+                            rewarded_fraction=cfg.head_rewarded_fraction,
+                            ended_fraction=cfg.head_ended_fraction,
                         )
                     dynamics_batch = None
                     if cfg.dynamics_batch_size > 0:

@@ -105,43 +105,54 @@ class ReplayBuffer:
         rng: np.random.Generator,
         device: torch.device | str = "cpu",
         rewarded_fraction: float = 0.0,
+        ended_fraction: float = 0.0,
     ) -> Batch:
         """``batch_size`` sequences of ``seq_len`` frames (``seq_len - 1`` transitions) from single episodes.
 
         ``rewarded_fraction`` of the batch (when available) is drawn from sequences with a non-zero
-        reward, so that a sparse reward head sees rewards often enough to learn them.
+        reward, so that a sparse reward head sees rewards often enough to learn them, and
+        ``ended_fraction`` from sequences where a life or the game ends, for the continue head.
         """
         if seq_len < 2:
             raise ReplayError(f"sequence length must be at least 2 frames, got {seq_len}")
         if self.filled < seq_len:
             raise ReplayError(f"replay holds {self.filled} steps per env, fewer than a sequence of {seq_len}")
-        n_rewarded = int(round(batch_size * rewarded_fraction))
+        need = {
+            "rewarded": int(round(batch_size * rewarded_fraction)),
+            "ended": int(round(batch_size * ended_fraction)),
+        }
+        if sum(need.values()) > batch_size:
+            raise ReplayError(
+                f"rewarded_fraction + ended_fraction must not exceed 1, got {rewarded_fraction + ended_fraction}"
+            )
+        events = {"rewarded": self.rewards != 0, "ended": self.terminated | self.life_loss}
         chosen_idx: list[np.ndarray] = []
         chosen_env: list[np.ndarray] = []
-        need_any, need_rew = batch_size - n_rewarded, n_rewarded
+        need_any = batch_size - sum(need.values())
         for attempt in range(64):
             k = 4 * batch_size
             starts = rng.integers(0, self.filled - seq_len + 1, size=k)
             envs = rng.integers(0, self.num_envs, size=k)
             idx, ok = self._valid_windows(starts, envs, seq_len)
             idx, envs = idx[ok], envs[ok]
-            if need_rew > 0:
-                rew = (self.rewards[idx[:, :-1], envs[:, None]] != 0).any(axis=1)
-                take = np.flatnonzero(rew)[:need_rew]
-                chosen_idx.append(idx[take])
-                chosen_env.append(envs[take])
-                need_rew -= len(take)
-                idx, envs = np.delete(idx, take, axis=0), np.delete(envs, take)
+            for kind, flags in events.items():
+                if need[kind] > 0:
+                    hit = flags[idx[:, :-1], envs[:, None]].any(axis=1)
+                    take = np.flatnonzero(hit)[: need[kind]]
+                    chosen_idx.append(idx[take])
+                    chosen_env.append(envs[take])
+                    need[kind] -= len(take)
+                    idx, envs = np.delete(idx, take, axis=0), np.delete(envs, take)
             take_n = min(need_any, len(idx))
             chosen_idx.append(idx[:take_n])
             chosen_env.append(envs[:take_n])
             need_any -= take_n
-            if need_any == 0 and need_rew == 0:
+            if need_any == 0 and sum(need.values()) == 0:
                 break
-            if need_any == 0 and need_rew > 0 and attempt >= 8:
-                # Few rewarded sequences exist yet: fill the rest of the batch with any valid ones.
-                need_any, need_rew = need_rew, 0
-        if need_any > 0 or need_rew > 0:
+            if need_any == 0 and attempt >= 8:
+                # Few such sequences exist yet: fill the rest of the batch with any valid ones.
+                need_any, need = sum(need.values()), {kind: 0 for kind in need}
+        if need_any > 0 or sum(need.values()) > 0:
             raise ReplayError(
                 f"could not find {batch_size} sequences of {seq_len} frames inside single episodes; "
                 "episodes in the buffer may be shorter than the sequence length"

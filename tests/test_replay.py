@@ -66,6 +66,24 @@ def test_rewarded_fraction_oversamples_rewards() -> None:
     assert has(boosted) >= 0.5 > has(plain)
 
 
+def test_ended_fraction_oversamples_life_losses_apart_from_rewards() -> None:
+    buf = ReplayBuffer(capacity=4 * 400, num_envs=4)
+    scripted_fill(buf, 400, 4, episode_len=20)
+    buf.life_loss[buf.filled // 2 :: 9] = True  # life losses on steps that pay nothing
+    buf.rewards[buf.life_loss] = 0.0
+    rng = np.random.default_rng(0)
+    b = buf.sample(200, 2, rng, rewarded_fraction=0.5, ended_fraction=0.5)
+    rewarded = (b.rewards != 0).any(dim=1)
+    ended = (b.continues < 0.5).any(dim=1)
+    assert rewarded.float().mean() >= 0.5 and ended.float().mean() >= 0.5
+    with pytest.raises(ReplayError, match="must not exceed 1"):
+        buf.sample(8, 2, rng, rewarded_fraction=0.6, ended_fraction=0.6)
+    # Without ended_fraction the draws are those of before the option existed.
+    a1 = buf.sample(32, 4, np.random.default_rng(3), rewarded_fraction=0.5)
+    a2 = buf.sample(32, 4, np.random.default_rng(3), rewarded_fraction=0.5, ended_fraction=0.0)
+    assert torch.equal(a1.frames, a2.frames)
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     buf = ReplayBuffer(capacity=3 * 40, num_envs=3)
     scripted_fill(buf, 70, 3, episode_len=7)

@@ -451,7 +451,8 @@ class WorldModel(nn.Module):
         rew, cont = torch.cat(rewards), torch.cat(conts)
         # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:o+n], head-batch pairs after
         n, o = B * P, B * P + B * (L - 1)
-        train = slice(None) if lc.heads_on_predicted else torch.cat([torch.arange(n, o), torch.arange(o + n, len(rew))])
+        real = torch.cat([torch.arange(n, o), torch.arange(o + n, len(rew))]).to(rew.device)
+        train = slice(None) if lc.heads_on_predicted else real
         t_rew, t_cont, t_logits = rew[train], cont[train], rew_logits[train]
         rew_ce = -(twohot(t_rew, self.reward_bins) * t_logits.log_softmax(-1)).sum(-1)
         reward_weights = sign_balanced_weights(t_rew) if lc.reward_sign_balance else balanced_weights(t_rew != 0)
