@@ -1,4 +1,4 @@
-"""The ``wm-agent`` command line: ``train``, ``eval``, ``watch`` and ``bench``."""
+"""The ``wm-agent`` command line: ``train``, ``eval``, ``watch``, ``play`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ commands:
   train   train an agent:  wm-agent train --env ALE/Breakout-v5 [--preset cpu] [--steps N] ...
   eval    score a trained agent over full episodes:  wm-agent eval RUN_DIR [--episodes 100]
   watch   real vs imagined video of a trained agent:  wm-agent watch RUN_DIR [--steps 64] [--out FILE.gif|.mp4]
+  play    play inside the world model in a browser, beside the real game:  wm-agent play RUN_DIR [--port 8000]
   bench   speed against the machine's limits (bench speed), world-model quality (bench world-model),
           wm-agent vs stable-baselines3 PPO on one budget (bench learn)
 
@@ -380,6 +381,68 @@ def watch_main(argv: list[str]) -> int:
     return 0
 
 
+def play_main(argv: list[str]) -> int:
+    import errno
+
+    from agent.play import PlayServer, measure_step_ms
+
+    p = argparse.ArgumentParser(
+        prog="wm-agent play",
+        description="Serve a page where you (or the agent) play the real game and, beside it, the world "
+        "model's imagination of it, started from the same real frames and driven by the same keys.",
+    )
+    p.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory or file")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--seed", type=int, default=0, help="real env seed of the first tab (the next tabs add 1 each)")
+    p.add_argument("--fps", type=int, default=15, help="steps per second the page asks for (default 15)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if (bad := _set_threads(args.threads)) is not None:
+        return bad
+    if not 1 <= args.fps <= 60:
+        return _fail(f"--fps must be in 1..60, got {args.fps}")
+    if not 0 <= args.port <= 65535:
+        return _fail(f"--port must be in 0..65535, got {args.port}")
+    loaded = _load(args.run, None, args.device)
+    if isinstance(loaded, int):
+        return loaded
+    device = next(loaded.wm.parameters()).device
+    try:
+        server = PlayServer(loaded, args.host, args.port, args.fps, args.seed, device)
+    except EnvSpecError as e:
+        return _fail(f"cannot make {loaded.cfg.env}: {e}")
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return _fail(f"port {args.port} on {args.host} is in use; choose another with --port")
+        return _fail(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}")
+    console = Console(soft_wrap=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _warn(f"serving on {args.host}: anyone who can reach this machine on port {server.server_port} can play")
+    step_ms = measure_step_ms(loaded, args.seed, device)
+    pace = (
+        f"{args.fps} fps as asked"
+        if 1000 / step_ms >= args.fps
+        else f"as fast as it can, about {1000 / step_ms:.0f} fps (below the {args.fps} asked)"
+    )
+    console.print(
+        f"{loaded.cfg.env}, {loaded.checkpoint} ({loaded.env_steps} env steps trained) on {device}: "
+        f"one step takes {step_ms:.1f} ms here, so the game runs at {pace}",
+        highlight=False,
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    console.print(f"play at http://{host}:{server.server_port}/  (Ctrl-C stops)", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped", highlight=False)
+    finally:
+        server.server_close()
+        server.close_all()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -392,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(rest)
     if cmd == "watch":
         return watch_main(rest)
+    if cmd == "play":
+        return play_main(rest)
     if cmd == "bench":
         from agent.bench import bench_main
 
