@@ -249,6 +249,18 @@ def test_pixel_gain_brightens_model_pixels_and_clips_at_one() -> None:
     assert torch.allclose(bright, torch.tensor([[0.0, 120 / 255, 300 / 255, 1.0]]).clamp(max=1.0))
 
 
+def test_pixel_gamma_brightens_faint_pixels_without_clipping() -> None:
+    frames = torch.tensor([[0, 30, 87, 236, 255]], dtype=torch.uint8)
+    cfg = small_cfg()
+    cfg.pixel_gamma = 0.5
+    x = WorldModel(cfg, num_actions=3).to_float(frames)
+    assert torch.allclose(x, (frames.float() / 255).sqrt())
+    assert bool((x[0, 1:-1] > frames[0, 1:-1].float() / 255).all()) and bool((x.diff() > 0).all())  # order kept
+    cfg.pixel_gamma = 0.0
+    with pytest.raises(ValueError, match="pixel_gamma"):
+        cfg.validate()
+
+
 def test_sign_balance_gives_a_rare_reward_sign_as_much_weight_as_the_common_one(catch_replay) -> None:
     # A Catch policy that catches 9 balls in 10 leaves few misses to learn from.
     rewards = torch.tensor([0.0] * 20 + [1.0] * 9 + [-1.0])

@@ -100,6 +100,11 @@ class WorldModelConfig:
     on the ball's position, found it within 1,000 steps (at gain 1 it did not); trained by the
     world-model losses, it did only together with the motion-map loss (Breakout, seed 0, 1,500 updates;
     either alone did not): the ``cpu`` preset uses both."""
+    pixel_gamma: float = 1.0
+    """Frames enter the model as ``(pixel / 255) ** gamma`` (after ``pixel_gain``). Below 1 it also
+    brightens faint objects, without clipping: gain 3 turned Pong's grey background (87 of 255) and
+    everything on it into 1.0, while gamma 0.5 maps the background to 0.58 and what is brighter
+    (123-236) to 0.69-0.96, and Breakout's faint ball (30-100) to 0.34-0.63."""
 
     @property
     def seq_len(self) -> int:
@@ -134,6 +139,8 @@ class WorldModelConfig:
             raise ValueError(
                 f"`pixel_gain` must be >= 1 (pixels are scaled up and clipped at 1), got {self.pixel_gain}"
             )
+        if not 0.0 < self.pixel_gamma <= 1.0:
+            raise ValueError(f"`pixel_gamma` must be in (0, 1], got {self.pixel_gamma}")
         if self.context < 1 or self.pred_steps < 1:
             raise ValueError(f"`context` and `pred_steps` must be at least 1, got {self.context} and {self.pred_steps}")
         if self.context > self.predictor.max_context:
@@ -238,9 +245,11 @@ class WorldModel(nn.Module):
         self.decoder_input_norm = RunningStandardizer(E, eps=1e-8)
 
     def to_float(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames -> the model's pixels in [0, 1] (see ``WorldModelConfig.pixel_gain``)."""
+        """uint8 frames -> the model's pixels in [0, 1] (see ``pixel_gain`` and ``pixel_gamma``)."""
         x = frames.float() / 255.0
-        return x if self.cfg.pixel_gain == 1.0 else (x * self.cfg.pixel_gain).clamp(max=1.0)
+        if self.cfg.pixel_gain != 1.0:
+            x = (x * self.cfg.pixel_gain).clamp(max=1.0)
+        return x if self.cfg.pixel_gamma == 1.0 else x.pow(self.cfg.pixel_gamma)
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames ``[B, T, H, W]`` -> latents ``[B, T, E]``."""
