@@ -249,3 +249,59 @@ def test_browser_plays_and_frames_change(tmp_path: Path, agent: LoadedAgent) -> 
         srv.shutdown()
         srv.server_close()
         srv.close_all()
+
+
+@pytest.mark.skipif(shutil.which("firefox") is None, reason="no Firefox (apt install firefox-esr)")
+def test_firefox_plays_over_webdriver_bidi(server: str, tmp_path: Path) -> None:
+    """Firefox speaks WebDriver BiDi itself, so no geckodriver is needed: load the page, press keys,
+    see the game step and the imagined frame change."""
+    websocket = pytest.importorskip("websocket", reason="websocket-client is not installed (it comes with selenium)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ff = subprocess.Popen(
+        ["firefox", "--headless", "--remote-debugging-port", str(port), "--profile", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline, ws = time.monotonic() + 60, None
+        while ws is None:
+            try:  # Firefox refuses connections that carry an Origin header
+                ws = websocket.create_connection(f"ws://127.0.0.1:{port}/session", timeout=30, suppress_origin=True)
+            except OSError:
+                assert time.monotonic() < deadline, "Firefox's WebDriver BiDi endpoint did not come up"
+                time.sleep(0.5)
+        ids = iter(range(1, 10**6))
+
+        def bidi(method: str, params: dict) -> dict:
+            n = next(ids)
+            ws.send(json.dumps({"id": n, "method": method, "params": params}))
+            while (msg := json.loads(ws.recv())).get("id") != n:
+                pass
+            assert msg.get("type") != "error", msg
+            return msg["result"]
+
+        def page(expr: str) -> str:
+            res = bidi("script.evaluate", {"expression": expr, "target": {"context": ctx}, "awaitPromise": True})
+            return res["result"].get("value") or ""
+
+        def wait_for(cond: str) -> None:
+            deadline = time.monotonic() + 60
+            while page(cond) is not True and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert page(cond) is True, cond
+
+        bidi("session.new", {"capabilities": {}})
+        ctx = bidi("browsingContext.getTree", {})["contexts"][0]["context"]
+        bidi("browsingContext.navigate", {"context": ctx, "url": server + "/", "wait": "complete"})
+        wait_for("document.getElementById('imagined').src.startsWith('data:')")
+        first = page("document.getElementById('imagined').src")
+        presses = [{"type": t, "value": k} for k in ("\ue012", "\ue014", " ") for t in ("keyDown", "keyUp")]
+        bidi("input.performActions", {"context": ctx, "actions": [{"type": "key", "id": "kb", "actions": presses}]})
+        wait_for("Number(document.getElementById('steps_since_sync').textContent) >= 8")
+        assert page("document.getElementById('imagined').src") != first
+        assert page("document.getElementById('error').textContent") == ""
+        ws.close()
+    finally:
+        ff.kill()
+        ff.wait()
