@@ -355,3 +355,18 @@ def test_heads_can_learn_from_real_transitions_only(catch_replay) -> None:
     for key in ("reward_loss", "cont_loss"):
         assert torch.allclose(before[f"world_model/{key}"], after[f"world_model/{key}"]), key
     assert not torch.allclose(before["world_model/latent_loss"], after["world_model/latent_loss"])
+
+
+def test_normalized_latent_losses_are_in_units_of_the_targets_variance(catch_replay) -> None:
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    wm = WorldModel(cfg, num_actions=3)
+    batch = catch_replay.sample(4, cfg.seq_len, np.random.default_rng(0))
+    K = cfg.context
+    z = wm.encode(batch.frames).detach() * 1e-3  # a latent whose scale has collapsed
+    plain = wm._predict(z, batch.actions, None)
+    cfg.loss.latent_normalized = True
+    normed = wm._predict(z, batch.actions, None)
+    var = z[:, K:].var(dim=(0, 1)).mean()
+    torch.testing.assert_close(normed.latent_loss, plain.latent_loss / var)
+    torch.testing.assert_close(normed.open_loop_loss, plain.open_loop_loss / var)

@@ -30,6 +30,11 @@ class LossConfig:
     """Weight of reconstructing the current frame from its own latent (keeps every latent decodable)."""
     latent: float = 1.0
     """Weight of pulling the predicted latent toward the (stop-gradient) encoding of the real next frame."""
+    latent_normalized: bool = False
+    """Measure the latent and open-loop losses in units of the target latents' variance over the batch
+    (1 = no better than their mean), so they do not vanish when the latent's scale does: on Pong the
+    encoder's latents varied by 0.00046 per feature over time and the plain MSE was ~0 whatever the
+    predictor said."""
     reward: float = 1.0
     """Weight of the two-hot reward cross-entropy."""
     cont: float = 1.0
@@ -372,13 +377,15 @@ class WorldModel(nn.Module):
             actions = torch.cat([actions, dynamics_batch.actions])
         windows = rearrange(z.unfold(1, K, 1)[:, :P], "b p e k -> (b p) k e")  # (N*P, K, E)
         one_step = self.predictor(windows, rearrange(actions[:, K - 1 : K - 1 + P], "b p -> (b p)"))[:, 0]
-        latent_loss = F.mse_loss(one_step, rearrange(z[:, K:], "b p e -> (b p) e"))
+        # z is detached, so the scale is a constant of the loss
+        scale = z[:, K:].var(dim=(0, 1)).mean().clamp_min(1e-12) if self.cfg.loss.latent_normalized else 1.0
+        latent_loss = F.mse_loss(one_step, rearrange(z[:, K:], "b p e -> (b p) e")) / scale
         window, chain = z[:, :K], []
         for p in range(P):
             step = self.predictor(window, actions[:, K - 1 + p])  # (N, 1, E)
             chain.append(step[:, 0])
             window = torch.cat([window[:, 1:], step], dim=1)
-        open_err = (torch.stack(chain, dim=1) - z[:, K:]).square().mean(dim=(0, 2))  # (P,)
+        open_err = (torch.stack(chain, dim=1) - z[:, K:]).square().mean(dim=(0, 2)) / scale  # (P,)
         return Dynamics(
             z_pred=one_step[: B * P],
             z_open=torch.stack(chain, dim=1)[:B],
