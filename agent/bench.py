@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
 from agent.config import PRESETS, UsageError, parse_config, preset, validate_config
+from agent.dyna import sample_world_model_batches
 from agent.machine import machine_info
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -362,20 +363,7 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
         trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
     t0 = time.time()
     for i in range(args.updates):
-        batch = train_buf.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
-        head = None
-        if cfg.head_batch_size > 0:
-            head = train_buf.sample(
-                cfg.head_batch_size,
-                2,
-                rng,
-                device,
-                rewarded_fraction=cfg.head_rewarded_fraction,
-                ended_fraction=cfg.head_ended_fraction,
-            )
-        dyn = None
-        if cfg.dynamics_batch_size > 0:
-            dyn = train_buf.sample(cfg.dynamics_batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+        batch, head, dyn = sample_world_model_batches(train_buf, cfg, rng, device)
         metrics, _ = trainer.update(batch, head, dyn)
         if (i + 1) % max(1, args.updates // 10) == 0:
             console.print(

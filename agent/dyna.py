@@ -59,6 +59,30 @@ class NonFiniteError(RuntimeError):
     """Losses stayed NaN/inf for ``max_nonfinite_updates`` updates in a row."""
 
 
+def sample_world_model_batches(
+    replay: ReplayBuffer, cfg: TrainConfig, rng: np.random.Generator, device: torch.device
+) -> tuple[Batch, Batch | None, Batch | None]:
+    """One world-model update's batches, drawn in this order: the main ``K + P``-frame batch (rewarded
+    sequences oversampled), the heads' extra real pairs and the predictor's extra sequences (each
+    ``None`` when its size is 0). The Dyna loop and ``bench world-model`` both train from these."""
+    L = cfg.world_model.seq_len
+    batch = replay.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+    head = None
+    if cfg.head_batch_size > 0:
+        head = replay.sample(
+            cfg.head_batch_size,
+            2,
+            rng,
+            device,
+            rewarded_fraction=cfg.head_rewarded_fraction,
+            ended_fraction=cfg.head_ended_fraction,
+        )
+    dyn = None
+    if cfg.dynamics_batch_size > 0:
+        dyn = replay.sample(cfg.dynamics_batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+    return batch, head, dyn
+
+
 class DynaTrainer:
     """Builds the parts of one run and runs the Dyna loop over them."""
 
@@ -274,32 +298,9 @@ class DynaTrainer:
                 c.wm_budget += steps_this_iter * cfg.wm_train_ratio
                 block = int(c.wm_budget)
                 while c.wm_budget >= 1 and not self.stop_requested:
-                    batch = self.replay.sample(
-                        cfg.batch_size,
-                        cfg.world_model.seq_len,
-                        self.rng,
-                        self.device,
-                        rewarded_fraction=cfg.rewarded_fraction,
+                    batch, head_batch, dynamics_batch = sample_world_model_batches(
+                        self.replay, cfg, self.rng, self.device
                     )
-                    head_batch = None
-                    if cfg.head_batch_size > 0:
-                        head_batch = self.replay.sample(
-                            cfg.head_batch_size,
-                            2,
-                            self.rng,
-                            self.device,
-                            rewarded_fraction=cfg.head_rewarded_fraction,
-                            ended_fraction=cfg.head_ended_fraction,
-                        )
-                    dynamics_batch = None
-                    if cfg.dynamics_batch_size > 0:
-                        dynamics_batch = self.replay.sample(
-                            cfg.dynamics_batch_size,
-                            cfg.world_model.seq_len,
-                            self.rng,
-                            self.device,
-                            rewarded_fraction=cfg.rewarded_fraction,
-                        )
                     metrics = self.world_model_update(batch, head_batch, dynamics_batch)
                     c.wm_budget -= 1
                     logger.add(metrics)

@@ -88,6 +88,13 @@ class ReplayBuffer:
         terminal = float((self.terminated[:n] | self.life_loss[:n]).mean())
         return rewarded, terminal
 
+    def _has_event(self, kind: str, idx: np.ndarray, envs: np.ndarray) -> np.ndarray:
+        """Whether each transition at slots ``idx`` of copies ``envs`` is ``rewarded`` or ``ended`` (a life
+        or the game ends); only the transitions asked about are read, not the whole buffer."""
+        if kind == "rewarded":
+            return self.rewards[idx, envs] != 0
+        return self.terminated[idx, envs] | self.life_loss[idx, envs]
+
     def _oldest(self) -> int:
         return self.pos if self.filled == self.slots else 0
 
@@ -125,7 +132,6 @@ class ReplayBuffer:
             raise ReplayError(
                 f"rewarded_fraction + ended_fraction must not exceed 1, got {rewarded_fraction + ended_fraction}"
             )
-        events = {"rewarded": self.rewards != 0, "ended": self.terminated | self.life_loss}
         chosen_idx: list[np.ndarray] = []
         chosen_env: list[np.ndarray] = []
         need_any = batch_size - sum(need.values())
@@ -135,9 +141,9 @@ class ReplayBuffer:
             envs = rng.integers(0, self.num_envs, size=k)
             idx, ok = self._valid_windows(starts, envs, seq_len)
             idx, envs = idx[ok], envs[ok]
-            for kind, flags in events.items():
+            for kind in need:
                 if need[kind] > 0:
-                    hit = flags[idx[:, :-1], envs[:, None]].any(axis=1)
+                    hit = self._has_event(kind, idx[:, :-1], envs[:, None]).any(axis=1)
                     take = np.flatnonzero(hit)[: need[kind]]
                     chosen_idx.append(idx[take])
                     chosen_env.append(envs[take])
