@@ -1,8 +1,9 @@
 """Checkpoints that survive crashes and never run code: versioned directories, written atomically.
 
 Layout: ``RUN_DIR/checkpoints/step_<env steps>/`` holds ``state.pt`` (tensors and plain data only,
-read back with ``torch.load(weights_only=True)``), ``replay/`` (the replay buffer) and, written last,
-``manifest.json`` (size and SHA-256 of every file). A checkpoint is first written to ``<name>.tmp``
+read back with ``torch.load(weights_only=True)``), ``replay/`` (the replay buffer), for a run of N > 1
+ranks ``ranks/<r>/`` (rank r's ``state.pt`` with its RNG states and its ``replay/``), and, written
+last, ``manifest.json`` (size and SHA-256 of every file). A checkpoint is first written to ``<name>.tmp``
 and renamed into place, so a kill or a full disk mid-write leaves the previous one untouched. A
 checkpoint that fails to load is renamed ``<name>.broken`` (kept, never overwritten) and loading
 falls back to the one before it.
@@ -28,6 +29,7 @@ from agent.replay import ReplayBuffer, ReplayError
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 REPLAY = "replay"
+RANKS = "ranks"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 REQUIRED_KEYS = ("world_model", "policy", "config", "num_actions", "counters")
 
@@ -117,8 +119,10 @@ def write_checkpoint(
     replay: ReplayBuffer | None,
     keep: int = 2,
     save: Callable[[dict, Path], None] = save_state,
+    parts: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``state`` (and ``replay``) as checkpoint ``step_<step>``; keep the newest ``keep``."""
+    """Write ``state`` (and ``replay``) as checkpoint ``step_<step>``; keep the newest ``keep``.
+    ``parts(tmp)`` adds more files (the other ranks') before the manifest is written."""
     if keep < 1:
         raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
     root = checkpoint_root(run_dir)
@@ -132,6 +136,8 @@ def write_checkpoint(
         save(state, tmp / STATE)
         if replay is not None:
             replay.save(tmp / REPLAY)
+        if parts is not None:
+            parts(tmp)
         write_manifest(tmp)
         _fsync_dir(tmp)
         old = root / f"{final.name}.old"
@@ -172,6 +178,21 @@ def read_state(path: Path) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a wm-agent checkpoint (expected keys {', '.join(REQUIRED_KEYS)})")
     return state
+
+
+def read_rank_part(directory: Path, rank: int) -> dict:
+    """Rank ``rank``'s own state (RNG states, parameter digest) in checkpoint ``directory``."""
+    path = directory / RANKS / str(rank) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: cannot read rank {rank}'s part of the checkpoint ({reason})") from e
+
+
+def rank_replay_dir(directory: Path, rank: int) -> Path:
+    """Where checkpoint ``directory`` keeps rank ``rank``'s replay (rank 0's is the plain ``replay/``)."""
+    return directory / REPLAY if rank == 0 else directory / RANKS / str(rank) / REPLAY
 
 
 def resolve(path: Path) -> Path:

@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from agent import distributed
 from agent.checkpoint import CheckpointError
 from agent.config import PRESETS, TrainConfig, UsageError, parse_config, preset, to_dict, validate_config
 from agent.dyna import (
@@ -54,6 +55,10 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def _warn(msg: str) -> None:
     Console(stderr=True).print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+
+
+def _quiet(msg: str) -> None:
+    """Warnings of ranks other than 0, which repeat rank 0's."""
 
 
 def default_run_dir(cfg: TrainConfig, name: str) -> Path:
@@ -129,6 +134,28 @@ def train_main(argv: list[str]) -> int:
         validate_config(cfg)
     except UsageError as e:
         return _fail(str(e))
+    try:
+        ctx = distributed.from_environment(cfg.device)
+    except (RuntimeError, ValueError, KeyError) as e:
+        return _fail(f"cannot join the torchrun process group: {str(e).splitlines()[0]}")
+    try:
+        return _train(cfg, run_dir, known.resume, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed.Distributed | None) -> int:
+    """``wm-agent train`` once the config and run directory are known; ``ctx`` when this process is one
+    of several ranks (only rank 0 writes the run directory and prints)."""
+    main = ctx is None or ctx.is_main
+    if ctx is not None:
+        run_dir = Path(ctx.broadcast(str(run_dir)))  # default names hold a time stamp
+        per_rank = cfg.replay_capacity // ctx.world_size // cfg.num_envs
+        if per_rank < cfg.world_model.seq_len:
+            msg = f"--replay-capacity {cfg.replay_capacity} over {ctx.world_size} ranks of {cfg.num_envs} envs"
+            need = cfg.world_model.seq_len
+            return _fail(f"{msg} leaves {per_rank} frames per stream, less than one sequence of {need}")
     holder: dict[str, DynaTrainer | None] = {"trainer": None}
     early_stop = []
 
@@ -136,50 +163,73 @@ def train_main(argv: list[str]) -> int:
         trainer = holder["trainer"]
         if trainer is None:  # still building or loading: stop before training starts
             early_stop.append(signum)
-        elif trainer.stop_requested:  # a second signal: stop at once, without a checkpoint
-            raise KeyboardInterrupt
-        else:
+        elif not trainer.stop_requested:
             trainer.request_stop()
+        elif ctx is None:  # a second signal: stop at once, without a checkpoint
+            raise KeyboardInterrupt
+        # Under torchrun a Ctrl-C reaches each rank twice (from the terminal and from the launcher):
+        # the ranks keep stopping together; the launcher kills them if they take too long.
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     lock = None
     try:
-        if known.resume:
+        if resume and main:
             lock = _lock(run_dir)
+        error = None
         try:
-            trainer = DynaTrainer(cfg, run_dir, resume=bool(known.resume), warn=_warn)
+            trainer = DynaTrainer(cfg, run_dir, resume=bool(resume), warn=_warn if main else _quiet, dist=ctx)
         except (EnvSpecError, DeviceError, ReplayError, UsageError, CheckpointError, ValueError) as e:
-            return _fail(str(e))
+            error = str(e)
         except (RuntimeError, KeyError, TypeError, OSError) as e:
-            what = f"resume {run_dir}" if known.resume else "start the run"
-            return _fail(f"cannot {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        if early_stop:
-            Console(soft_wrap=True).print("interrupted before training started; nothing was written")
+            what = f"resume {run_dir}" if resume else "start the run"
+            error = f"cannot {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if ctx is not None:
+            errors = ctx.gather(error)
+            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+            error = error or (failed[0] if failed else None)
+        if error is not None:
+            own = ctx is None or main or errors[ctx.rank] is not None
+            return _fail(error) if own else 2
+        if ctx.any(bool(early_stop)) if ctx is not None else early_stop:
+            if main:
+                Console(soft_wrap=True).print("interrupted before training started; nothing was written")
             return 0
         holder["trainer"] = trainer
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock or _lock(run_dir)
-        _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-        console = Console(soft_wrap=True)
-        resumed = (
-            f", resumed at step {trainer.counters.env_steps} from {trainer.last_checkpoint}" if known.resume else ""
-        )
+        console = Console(soft_wrap=True, quiet=not main)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock or _lock(run_dir)
+            _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+        if ctx is not None:
+            ctx.gather(None)  # the run directory exists before any rank writes a checkpoint part into it
+        resumed = f", resumed at step {trainer.counters.env_steps} from {trainer.last_checkpoint}" if resume else ""
+        ranks = f", {ctx.world_size} ranks x {cfg.num_envs} envs" if ctx is not None else ""
         console.print(
             f"wm-agent train: {cfg.env} ({trainer.env.num_actions} actions, sticky actions "
-            f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}, run dir {run_dir}{resumed}",
+            f"{cfg.sticky_actions}), {cfg.steps} env steps, device {trainer.device}{ranks}, run dir {run_dir}{resumed}",
             highlight=False,
         )
-        logger = RunLogger(run_dir, cfg.steps, start_step=trainer.counters.env_steps, console=console)
+        logger = RunLogger(run_dir, cfg.steps, start_step=trainer.counters.env_steps, console=console, dist=ctx)
         try:
             summary = trainer.train(logger)
         except KeyboardInterrupt:
             last = trainer.last_checkpoint or "none written"
             return _fail(f"aborted without a new checkpoint (last checkpoint: {last})", code=130)
         except ReplayError as e:  # e.g. episodes shorter than the world model's sequences
-            return _fail(str(e))
+            return _fail(str(e)) if main else 2
         except (NonFiniteError, CheckpointError) as e:
-            resume = f". Resume with: wm-agent train --resume {run_dir}" if trainer.last_checkpoint else ""
-            return _fail(f"{e}{resume}", 1)
+            resume_hint = f". Resume with: wm-agent train --resume {run_dir}" if trainer.last_checkpoint else ""
+            return _fail(f"{e}{resume_hint}", 1) if main else 1
+        except RuntimeError:
+            lost = ctx.lost_ranks() if ctx is not None else []
+            if not lost:
+                raise
+            last = trainer.last_checkpoint or "none written"
+            return _fail(
+                f"rank {ctx.rank}: lost rank {', '.join(map(str, lost))} (it died or stopped answering) near env "
+                f"step {trainer.counters.env_steps}; stopped, the last checkpoint ({last}) is intact",
+                1,
+            )
         finally:
             logger.close()
     except RunDirBusy as e:
@@ -189,6 +239,8 @@ def train_main(argv: list[str]) -> int:
             signal.signal(sig, handler)
         if lock is not None:
             lock.close()
+    if not main:
+        return 0
     _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     if summary["stopped_early"]:
         console.print(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,12 +17,27 @@ import numpy as np
 import torch
 
 from agent.actor import RealEnvActor
-from agent.checkpoint import CheckpointError, checkpoint_dirs, load_latest, read_state, resolve, write_checkpoint
+from agent.checkpoint import (
+    RANKS,
+    REPLAY,
+    STATE,
+    CheckpointError,
+    checkpoint_dirs,
+    checkpoint_root,
+    load_latest,
+    rank_replay_dir,
+    read_rank_part,
+    read_state,
+    resolve,
+    save_state,
+    write_checkpoint,
+)
 from agent.config import TrainConfig, from_dict, to_dict
+from agent.distributed import Distributed, tensor_digests
 from agent.logger import RunLogger
 from agent.policy import ActorCritic
 from agent.ppo import PPO
-from agent.replay import ReplayBuffer
+from agent.replay import ReplayBuffer, ReplayError, repartition
 from envs import make_env
 from worldmodel.batch import Batch
 from worldmodel.ema import ema_update_, make_slow_copy
@@ -84,25 +100,45 @@ def sample_world_model_batches(
 
 
 class DynaTrainer:
-    """Builds the parts of one run and runs the Dyna loop over them."""
+    """Builds the parts of one run and runs the Dyna loop over them.
+
+    With ``dist`` this process is one rank of a data-parallel run (``agent/distributed.py``): it steps
+    its own ``num_envs`` env copies (seeded apart from the other ranks') into its own replay of
+    ``replay_capacity / N`` frames, and DDP averages the world model's and the policy's gradients. The
+    counters (env steps, update budgets) count all ranks together, so ``steps`` is the run's total and
+    the N ranks do as many updates per env step as one process, each on its own batch: the same
+    learning per env step as one process with an N-times larger batch.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, run_dir: Path, resume: bool = False, warn: Callable[[str], None] = print
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        resume: bool = False,
+        warn: Callable[[str], None] = print,
+        dist: Distributed | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.dist = dist
+        self.world_size = dist.world_size if dist is not None else 1
         self.device = resolve_device(cfg.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.env = make_env(cfg.env, num_envs=cfg.num_envs, seed=cfg.seed, sticky_actions=cfg.sticky_actions)
+        self.seed = dist.rank_seed(cfg.seed) if dist is not None else cfg.seed
+        """This rank's seed for its envs and samplers (the run's seed on rank 0 and in a plain run)."""
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.rng = np.random.default_rng(self.seed)
+        self.env = make_env(cfg.env, num_envs=cfg.num_envs, seed=self.seed, sticky_actions=cfg.sticky_actions)
         A = self.env.num_actions
         E = cfg.world_model.encoder.latent_dim
+        wrap = dist.wrap if dist is not None else None
         self.wm = WorldModel(cfg.world_model, A).to(self.device)
-        self.wm_trainer = WorldModelTrainer(self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile)
+        self.wm_trainer = WorldModelTrainer(
+            self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile, wrap=wrap
+        )
         if not 0.0 <= cfg.slow_world_model_decay < 1.0:
             raise ValueError(f"slow_world_model_decay must be in [0, 1), got {cfg.slow_world_model_decay}")
         self.wm_slow: WorldModel | None = make_slow_copy(self.wm) if cfg.slow_world_model_decay > 0 else None
@@ -113,16 +149,21 @@ class DynaTrainer:
             raise ValueError(
                 f"policy.history {cfg.policy.history} exceeds world_model.context {cfg.world_model.context}"
             )
-        self.ppo = PPO(self.policy, cfg.ppo)
+        self.ppo = PPO(self.policy, cfg.ppo, wrap=wrap)
+        if self.seed != cfg.seed:
+            torch.manual_seed(self.seed)  # the ranks imagine and sample apart
         self.imagined = ImaginedEnv(self.wm_act, cfg.ppo.horizon)
-        self.replay = ReplayBuffer(cfg.replay_capacity, cfg.num_envs)
+        self.replay = ReplayBuffer(cfg.replay_capacity // self.world_size, cfg.num_envs)
         self.actor = RealEnvActor(self.wm_act, self.policy, cfg.num_envs, self.device)
         self.counters = Counters()
         self.episode_returns: list[float] = []
         self.episode_end_steps: list[int] = []
         """Env steps (all copies together) when each episode in ``episode_returns`` ended."""
+        self.new_episodes: list[tuple[float, int]] = []
+        """(return, end step) of this rank's episodes not yet in ``episode_returns``."""
         self.starts: torch.Tensor | None = None
         self.stop_requested = False
+        self._stop_agreed = False
         self.last_checkpoint: Path | None = None
         if resume:
             self.load_checkpoint(warn)
@@ -131,10 +172,40 @@ class DynaTrainer:
         """Finish the current update, write a checkpoint and return from :meth:`train` (signal-safe)."""
         self.stop_requested = True
 
+    def poll_stop(self) -> bool:
+        """Whether to stop now: this process's request, or in a multi-rank run any rank's. There it is a
+        collective, so every rank polls at the same points of the loop and they all stop together."""
+        if self.dist is None:
+            return self.stop_requested
+        if not self._stop_agreed:
+            self._stop_agreed = self.dist.any(self.stop_requested)
+        return self._stop_agreed
+
+    @property
+    def stopping(self) -> bool:
+        """The last answer of :meth:`poll_stop` (no collective)."""
+        return self.stop_requested if self.dist is None else self._stop_agreed
+
+    def sync_episodes(self) -> None:
+        """Move the episodes ended since the last call into ``episode_returns`` (in a multi-rank run,
+        every rank's, on every rank: a collective)."""
+        new, self.new_episodes = self.new_episodes, []
+        if self.dist is not None:
+            new = [episode for part in self.dist.gather(new) for episode in part]
+        for ret, step in new:
+            self.episode_returns.append(ret)
+            self.episode_end_steps.append(step)
+        self.counters.episodes += len(new)
+
+    def synced_modules(self) -> list[torch.nn.Module]:
+        """The modules whose weights every rank holds identically."""
+        return [m for m in (self.wm, self.wm_slow, self.policy) if m is not None]
+
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Models, optimizers, counters, config, RNG states and the replay buffer, as one atomic
-        checkpoint directory (see ``agent/checkpoint.py``)."""
+        checkpoint directory (see ``agent/checkpoint.py``); in a multi-rank run a collective."""
+        self.sync_episodes()
         state = {
             "world_model": self.wm.state_dict(),
             "wm_optimizer": self.wm_trainer.optimizer.state_dict(),
@@ -156,13 +227,119 @@ class DynaTrainer:
             state["world_model_slow"] = self.wm_slow.state_dict()
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        self.last_checkpoint = write_checkpoint(
-            self.run_dir, self.counters.env_steps, state, self.replay, keep=self.cfg.keep_checkpoints
-        )
+        if self.dist is None:
+            self.last_checkpoint = write_checkpoint(
+                self.run_dir, self.counters.env_steps, state, self.replay, keep=self.cfg.keep_checkpoints
+            )
+        else:
+            self.last_checkpoint = self._save_ranks(state)
         return self.last_checkpoint
 
+    def _save_ranks(self, state: dict) -> Path:
+        """A checkpoint of every rank (a collective): ranks 1..N-1 each write their RNG states, parameter
+        digest and replay to a part directory; rank 0 checks that every rank's weights are the same,
+        writes its own state and replay, moves the parts in under ``ranks/`` and renames the whole
+        into place. A failure on any rank leaves the previous checkpoint as it was, on every rank."""
+        d = self.dist
+        assert d is not None
+        step = self.counters.env_steps
+        root = checkpoint_root(self.run_dir)
+        digests = tensor_digests([m.state_dict() for m in self.synced_modules()])
+        part = root / f"rank{d.rank}.step_{step:010d}.part"
+        error = None
+        if not d.is_main:
+            own = {k: state[k] for k in ("rng_torch", "rng_numpy", "rng_python", "rng_cuda") if k in state}
+            try:
+                for stale in root.glob(f"rank{d.rank}.step_*.part"):
+                    shutil.rmtree(stale)
+                part.mkdir(parents=True)
+                save_state({**own, "tensor_digests": json.dumps(digests)}, part / STATE)
+                self.replay.save(part / REPLAY)
+            except OSError as e:
+                error = f"cannot write its part of checkpoint step {step} in {root}: {e.strerror or e}"
+        reports = d.gather((error, digests))
+        failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e]
+        differ = sorted({k for _, other in reports for k, v in other.items() if digests.get(k) != v})
+        if differ:
+            failed.append(f"the ranks' weights differ in {len(differ)} tensors ({', '.join(differ[:4])}, ...)")
+        result: tuple[str | None, str | None] = (None, "; ".join(failed) or None)
+        if d.is_main and not failed:
+
+            def move_parts(tmp: Path) -> None:
+                (tmp / RANKS).mkdir()
+                for r in range(1, d.world_size):
+                    (root / f"rank{r}.step_{step:010d}.part").rename(tmp / RANKS / str(r))
+
+            try:
+                path = write_checkpoint(
+                    self.run_dir,
+                    step,
+                    {**state, "world_size": d.world_size, "tensor_digests": json.dumps(digests)},
+                    self.replay,
+                    keep=self.cfg.keep_checkpoints,
+                    parts=move_parts,
+                )
+                result = (str(path), None)
+            except CheckpointError as e:
+                result = (None, str(e))
+        result = d.broadcast(result)
+        shutil.rmtree(part, ignore_errors=True)
+        if result[1] is not None:
+            raise CheckpointError(result[1])
+        assert result[0] is not None
+        return Path(result[0])
+
+    def _find_checkpoint(self, warn: Callable[[str], None]) -> tuple[dict, ReplayBuffer | None, Path]:
+        """The newest usable checkpoint's state (and in a plain run its first replay); in a multi-rank
+        run rank 0 chooses it (and sets broken ones aside) and every rank reads the one it chose."""
+        if self.dist is None:
+            return load_latest(self.run_dir, with_replay=True, warn=warn)
+        found: tuple[str | None, str | None] = (None, None)
+        if self.dist.is_main:
+            try:
+                found = (str(load_latest(self.run_dir, with_replay=False, warn=warn)[2]), None)
+            except CheckpointError as e:
+                found = (None, str(e))
+        found = self.dist.broadcast(found)
+        if found[1] is not None:
+            raise CheckpointError(found[1])
+        assert found[0] is not None
+        path = Path(found[0])
+        return read_state(path / STATE), None, path
+
+    def _load_replay(
+        self, state: dict, first: ReplayBuffer | None, path: Path, warn: Callable[[str], None]
+    ) -> tuple[ReplayBuffer, dict | None]:
+        """This rank's replay from checkpoint ``path`` and the state holding its RNG states (``None``
+        when the checkpoint has no RNG state for it). Written by as many ranks as run now, each rank
+        takes back its own; otherwise every rank's replay is merged or split among the ranks now.
+        ``first``: rank 0's replay when it is already loaded."""
+        saved = int(state.get("world_size", 1))
+        rank = self.dist.rank if self.dist is not None else 0
+
+        def load(r: int) -> ReplayBuffer:
+            return first if r == 0 and first is not None else ReplayBuffer.load(rank_replay_dir(path, r))
+
+        if saved == self.world_size:
+            return load(rank), state if rank == 0 else read_rank_part(path, rank)
+        buffers = [load(r) for r in range(saved)]
+        total = sum(len(b) for b in buffers)
+        replay = repartition(buffers, self.world_size, self.cfg.replay_capacity // self.world_size)[rank]
+        if rank == 0:
+            how = "merged into one" if self.world_size == 1 else f"dealt out to {self.world_size} ranks"
+            rngs = "" if self.world_size == 1 else "; ranks other than 0 start their RNG states afresh"
+            warn(
+                f"{path.name} was written by {saved} rank(s), this run has {self.world_size}: their replays "
+                f"({total} frames) are {how}, {len(replay)} frames here{rngs}"
+            )
+        return replay, state if rank == 0 else None
+
     def load_checkpoint(self, warn: Callable[[str], None] = print) -> None:
-        state, replay, path = load_latest(self.run_dir, with_replay=True, warn=warn)
+        state, first, path = self._find_checkpoint(warn)
+        try:
+            replay, own = self._load_replay(state, first, path, warn)
+        except ReplayError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         self.wm.load_state_dict_compat(state["world_model"])
         if self.wm_slow is not None:  # a checkpoint from before the slow copy starts it at the trained model
             self.wm_slow.load_state_dict_compat(state.get("world_model_slow", state["world_model"]))
@@ -173,15 +350,20 @@ class DynaTrainer:
         self.counters = Counters(**state["counters"])
         self.wm_trainer.updates = state["wm_updates"]
         self.ppo.updates = state["policy_updates"]
-        torch.set_rng_state(state["rng_torch"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.rng.bit_generator.state = json.loads(state["rng_numpy"])
-        version, internal, gauss = json.loads(state["rng_python"])
-        random.setstate((version, tuple(internal), gauss))
+        if own is not None:
+            torch.set_rng_state(own["rng_torch"])
+            if "rng_cuda" in own and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["rng_cuda"], self.device)
+            self.rng.bit_generator.state = json.loads(own["rng_numpy"])
+            version, internal, gauss = json.loads(own["rng_python"])
+            random.setstate((version, tuple(internal), gauss))
+        else:
+            fresh = self.seed + self.counters.env_steps
+            torch.manual_seed(fresh)
+            random.seed(fresh)
+            self.rng = np.random.default_rng(fresh)
         self.episode_returns = state["episode_returns"].tolist()
         self.episode_end_steps = state["episode_end_steps"].tolist() if "episode_end_steps" in state else []
-        assert replay is not None
         if replay.num_envs != self.cfg.num_envs:
             raise CheckpointError(
                 f"{path / 'replay'}: {replay.num_envs} env streams, the config has {self.cfg.num_envs}"
@@ -208,6 +390,8 @@ class DynaTrainer:
         """One world-model gradient step, then the slow copy follows it and the batch's latents (in the
         latent space of the model the policy imagines with) become imagination starts."""
         metrics, latents = self.wm_trainer.update(batch, head_batch, dynamics_batch)
+        if self.dist is not None:
+            self.dist.average_buffers(self.wm)
         if self.wm_slow is not None:
             ema_update_(self.wm_slow, self.wm, self.cfg.slow_world_model_decay)
             # Encoding again costs a forward pass, so it starts only with the batches the policy will use.
@@ -257,7 +441,9 @@ class DynaTrainer:
         """Run until ``cfg.steps`` env steps or :meth:`request_stop`; then write a checkpoint."""
         cfg, c = self.cfg, self.counters
         N = cfg.num_envs
-        obs, info = self.env.reset(seed=cfg.seed + c.env_steps)
+        step_all = N * self.world_size
+        """Env steps one lockstep step adds over all ranks."""
+        obs, info = self.env.reset(seed=self.seed + c.env_steps)
         is_first = info["is_first"]
         self.actor.observe(obs, is_first)
         next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
@@ -265,10 +451,10 @@ class DynaTrainer:
         next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every if cfg.image_every else None
         timings = {"collect": 0.0, "world_model": 0.0, "imagination": 0.0, "policy": 0.0}
         t_start = time.perf_counter()
-        while c.env_steps < cfg.steps and not self.stop_requested:
+        while c.env_steps < cfg.steps and not self.poll_stop():
             t0 = time.perf_counter()
             steps_this_iter = 0
-            while steps_this_iter < cfg.collect_steps and c.env_steps < cfg.steps and not self.stop_requested:
+            while steps_this_iter < cfg.collect_steps and c.env_steps < cfg.steps and not self.poll_stop():
                 if c.env_steps < cfg.warmup_steps:
                     action = self.rng.integers(0, self.env.num_actions, size=N)
                 else:
@@ -279,14 +465,14 @@ class DynaTrainer:
                 self.actor.observe(obs, is_first)
                 done = ~np.isnan(info["episode_return"])
                 for r in info["episode_return"][done]:
-                    self.episode_returns.append(float(r))
-                    self.episode_end_steps.append(c.env_steps + N)
+                    self.new_episodes.append((float(r), c.env_steps + step_all))
                     logger.add({"charts/episode_return": float(r)})
                 for n in info["episode_length"][done]:
                     logger.add({"charts/episode_length": float(n)})
-                c.episodes += int(done.sum())
-                c.env_steps += N
-                steps_this_iter += N
+                if self.dist is None:
+                    self.sync_episodes()
+                c.env_steps += step_all
+                steps_this_iter += step_all
             timings["collect"] += time.perf_counter() - t0
             c.iterations += 1
 
@@ -297,7 +483,7 @@ class DynaTrainer:
                     c.pretrain_done = True
                 c.wm_budget += steps_this_iter * cfg.wm_train_ratio
                 block = int(c.wm_budget)
-                while c.wm_budget >= 1 and not self.stop_requested:
+                while c.wm_budget >= 1 and not self.poll_stop():
                     batch, head_batch, dynamics_batch = sample_world_model_batches(
                         self.replay, cfg, self.rng, self.device
                     )
@@ -314,22 +500,30 @@ class DynaTrainer:
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
                 if c.policy_budget >= 1:
+                    rates = self.replay.base_rates()
+                    if self.dist is not None:
+                        rates = tuple(self.dist.mean(torch.tensor(rates, dtype=torch.float64)).tolist())
                     for model in {self.wm, self.wm_act}:
-                        model.set_base_rates(*self.replay.base_rates())
-                while c.policy_budget >= 1 and not self.stop_requested:
+                        model.set_base_rates(*rates)
+                while c.policy_budget >= 1 and not self.poll_stop():
                     t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
                     t1 = time.perf_counter()
                     logger.add(self.ppo.update(rollout))
+                    if self.dist is not None:  # each rank scaled by its own rollouts; they keep one scale
+                        self.ppo.return_scale = self.dist.mean(self.ppo.return_scale)
                     c.policy_budget -= 1
                     self._check_finite()
                     timings["imagination"] += t1 - t0
                     timings["policy"] += time.perf_counter() - t1
 
             if next_image is not None and c.env_steps >= next_image and c.env_steps >= cfg.warmup_steps:
-                logger.add_image("world_model/next_frame_real_vs_predicted", self.prediction_image(), c.env_steps)
+                if self.dist is None or self.dist.is_main:
+                    image = self.prediction_image()
+                    logger.add_image("world_model/next_frame_real_vs_predicted", image, c.env_steps)
                 next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every
-            if c.env_steps >= next_log or c.env_steps >= cfg.steps or self.stop_requested:
+            if c.env_steps >= next_log or c.env_steps >= cfg.steps or self.stopping:
+                self.sync_episodes()
                 total = sum(timings.values())
                 logger.add({f"time/{k}_fraction": v / total for k, v in timings.items() if total > 0})
                 logger.add(
@@ -345,9 +539,10 @@ class DynaTrainer:
                 logger.flush(c.env_steps)
                 next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
             healthy = self.wm_trainer.consecutive_skipped == 0 and self.ppo.consecutive_skipped == 0
-            if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stop_requested and healthy:
+            if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stopping and healthy:
                 self.save_checkpoint()
                 next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        self.sync_episodes()
         already = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{c.env_steps:010d}"
         if final_checkpoint and not already:
             self.save_checkpoint()

@@ -13,6 +13,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from agent.distributed import Distributed
+
 
 class RunLogger:
     """Accumulates metric tensors between log steps (no host syncs in the hot loop), then writes
@@ -25,20 +27,25 @@ class RunLogger:
         start_step: int = 0,
         console: Console | None = None,
         tensorboard: bool = True,
+        dist: Distributed | None = None,
     ) -> None:
+        """With ``dist`` (a run of several ranks) every rank calls :meth:`flush` at the same steps, the
+        metrics are averaged over all ranks' values, and rank 0 alone writes and shows them."""
         self.run_dir = run_dir
-        self.console = console or Console()
+        self.dist = dist
+        writes = dist is None or dist.is_main
+        self.console = console or Console(quiet=not writes)
         self.pending: dict[str, list[torch.Tensor | float]] = defaultdict(list)
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a") if writes else None  # noqa: SIM115 - closed in close()
         self.writer = None
-        if tensorboard:
+        if tensorboard and writes:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tb"))
         self.total = total_steps
         self.start_time = time.time()
         self.start_step = start_step
-        self.interactive = sys.stdout.isatty()
+        self.interactive = sys.stdout.isatty() and writes
         self.progress: Progress | None = None
         if self.interactive:
             self.progress = Progress(
@@ -62,18 +69,28 @@ class RunLogger:
 
     def flush(self, step: int) -> dict[str, float]:
         """Average what was added since the last flush, write it at ``step`` and show a status line."""
-        row: dict[str, float] = {}
+        sums: dict[str, tuple[float, int]] = {}
         for k, vals in self.pending.items():
             t = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().cpu() for v in vals])
             t = t[torch.isfinite(t)]
             if len(t):
-                row[k] = float(t.mean())
+                sums[k] = (float(t.double().sum()), len(t))
         self.pending.clear()
+        if self.dist is not None:
+            merged: dict[str, tuple[float, int]] = {}
+            for part in self.dist.gather(sums):
+                for k, (total, n) in part.items():
+                    t0, n0 = merged.get(k, (0.0, 0))
+                    merged[k] = (t0 + total, n0 + n)
+            sums = merged
+        row: dict[str, float] = {k: total / n for k, (total, n) in sums.items()}
         elapsed = time.time() - self.start_time
         sps = (step - self.start_step) / max(elapsed, 1e-9)
         row["time/steps_per_s"] = sps
         row["time/elapsed_s"] = elapsed
         self.last.update(row)
+        if self.metrics_file is None:
+            return row
         self.metrics_file.write(json.dumps({"step": step, **row}) + "\n")
         self.metrics_file.flush()
         if self.writer is not None:
@@ -121,4 +138,5 @@ class RunLogger:
             self.progress.stop()
         if self.writer is not None:
             self.writer.close()
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()

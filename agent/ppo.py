@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from agent.policy import ActorCritic
 from agent.returns import gae
@@ -69,8 +71,12 @@ class Rollout:
 class PPO:
     """Owns the policy's optimizer and the running return scale."""
 
-    def __init__(self, policy: ActorCritic, cfg: PPOConfig) -> None:
+    def __init__(
+        self, policy: ActorCritic, cfg: PPOConfig, wrap: Callable[[nn.Module], nn.Module] | None = None
+    ) -> None:
+        """``wrap`` (e.g. DistributedDataParallel) wraps the policy for its gradient steps only."""
         self.policy = policy
+        self.train_policy = wrap(policy) if wrap is not None else policy
         self.cfg = cfg
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
         self.return_scale = torch.ones(())
@@ -137,7 +143,7 @@ class PPO:
             perm = torch.randperm(n, device=ro.actions.device)
             for i in range(0, n, mb):
                 j = perm[i : i + mb]
-                logits, v = self.policy(flat["windows"][j])
+                logits, v = self.train_policy(flat["windows"][j])
                 dist = torch.distributions.Categorical(logits=logits)
                 logp = dist.log_prob(flat["actions"][j])
                 ratio = (logp - flat["logprobs"][j]).exp()
@@ -146,13 +152,12 @@ class PPO:
                 vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
                 ent = (dist.entropy() * w).mean()
                 loss = pg + cfg.value_coef * vloss - cfg.entropy_coef * ent
-                if not torch.isfinite(loss):
-                    skipped += 1
-                    continue
+                # Backward even on a non-finite loss: under DDP every rank must join every gradient
+                # average; the non-finite norm that follows skips the step on all of them.
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                if not torch.isfinite(grad_norm):
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     skipped += 1
                     continue
                 self.optimizer.step()

@@ -220,6 +220,46 @@ class ReplayBuffer:
         return buf
 
 
+def repartition(buffers: list[ReplayBuffer], parts: int, capacity: int) -> list[ReplayBuffer]:
+    """The transitions of ``buffers`` (e.g. one per rank of a run) dealt into ``parts`` buffers of
+    ``capacity`` frames and the same number of streams, for resuming with a different number of ranks.
+
+    Every stream of every buffer, oldest frame first, is laid end to end, then cut into
+    ``parts * num_envs`` equal pieces, one per new stream; each piece keeps its newest frames when it is
+    longer than a stream holds. Each original stream's first frame and each piece's first frame are
+    marked ``is_first``, so no sampled sequence spans two streams; nothing else changes.
+    """
+    if not buffers or parts < 1:
+        raise ReplayError(f"cannot deal {len(buffers)} replay buffers into {parts} parts")
+    num_envs, shape = buffers[0].num_envs, buffers[0].frame_shape
+    if any(b.num_envs != num_envs or b.frame_shape != shape for b in buffers):
+        raise ReplayError("the replay buffers to merge differ in env streams or frame shape")
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+    for b in buffers:
+        order = (b._oldest() + np.arange(b.filled)) % b.slots
+        for e in range(num_envs):
+            for name in _ARRAYS:
+                pieces[name].append(getattr(b, name)[order, e])
+            if b.filled:
+                pieces["is_first"][-1] = pieces["is_first"][-1].copy()
+                pieces["is_first"][-1][0] = True
+    flat = {name: np.concatenate(arrs) for name, arrs in pieces.items()}
+    per = len(flat["actions"]) // (parts * num_envs)
+    out = []
+    for p in range(parts):
+        buf = ReplayBuffer(capacity, num_envs, shape)
+        keep = min(per, buf.slots)
+        for e in range(num_envs):
+            end = (p * num_envs + e + 1) * per
+            for name in _ARRAYS:
+                getattr(buf, name)[:keep, e] = flat[name][end - keep : end]
+        if keep:
+            buf.is_first[0] = True
+        buf.filled, buf.pos = keep, keep % buf.slots
+        out.append(buf)
+    return out
+
+
 def random_replay(
     env_id: str, steps: int, num_envs: int = 8, seed: int = 0, rng: np.random.Generator | None = None
 ) -> ReplayBuffer:

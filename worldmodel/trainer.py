@@ -3,9 +3,11 @@ and ``torch.compile``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from worldmodel.batch import Batch
 from worldmodel.world_model import WorldModel
@@ -44,18 +46,39 @@ def make_optimizer(params: list[torch.nn.Parameter] | object, cfg: OptimConfig) 
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
+class LossModule(nn.Module):
+    """``WorldModel.loss_and_latents`` as a module's forward, the call DistributedDataParallel wraps."""
+
+    def __init__(self, model: WorldModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: Batch, head_batch: Batch | None, dynamics_batch: Batch | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        return self.model.loss_and_latents(batch, head_batch, dynamics_batch)
+
+
 class WorldModelTrainer:
     """Owns the world model's optimizer; ``update(batch)`` is one gradient step."""
 
     def __init__(
-        self, model: WorldModel, cfg: OptimConfig, device: torch.device, amp: bool = True, compile: bool = False
+        self,
+        model: WorldModel,
+        cfg: OptimConfig,
+        device: torch.device,
+        amp: bool = True,
+        compile: bool = False,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
+        """``wrap`` (e.g. DistributedDataParallel) wraps the loss's module, so gradients are averaged over ranks."""
         self.model = model
         self.cfg = cfg
         self.device = device
         self.amp = amp
+        loss_fn = wrap(LossModule(model)) if wrap is not None else model.loss_and_latents
         # Compiling the bound method leaves the module (and its state_dict keys) as they are.
-        self.loss_and_latents = torch.compile(model.loss_and_latents) if compile else model.loss_and_latents
+        self.loss_and_latents = torch.compile(loss_fn) if compile else loss_fn
         if cfg.encoder_hold_updates > 0:
             encoder = list(model.encoder.parameters())
             ids = {id(p) for p in encoder}
