@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
         if per_rank < cfg.world_model.seq_len:
             msg = f"--replay-capacity {cfg.replay_capacity} over {ctx.world_size} ranks of {cfg.num_envs} envs"
             need = cfg.world_model.seq_len
-            return _fail(f"{msg} leaves {per_rank} frames per stream, less than one sequence of {need}")
+            return _fail(f"{msg} leaves {per_rank} frames per stream, less than one sequence of {need}") if main else 2
     holder: dict[str, DynaTrainer | None] = {"trainer": None}
     early_stop = []
 
@@ -171,11 +171,21 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
         # the ranks keep stopping together; the launcher kills them if they take too long.
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def agreed(error: str | None) -> str | None:
+        """In a multi-rank run, the first error of any rank (rank 0 prints it; the others exit quietly)."""
+        return error if ctx is None else ctx.first_error(error)
+
     lock = None
     try:
-        if resume and main:
-            lock = _lock(run_dir)
         error = None
+        if resume and main:
+            try:
+                lock = _lock(run_dir)
+            except RunDirBusy as e:
+                error = str(e)
+        if error := agreed(error):
+            return _fail(error) if main else 2
         try:
             trainer = DynaTrainer(cfg, run_dir, resume=bool(resume), warn=_warn if main else _quiet, dist=ctx)
         except (EnvSpecError, DeviceError, ReplayError, UsageError, CheckpointError, ValueError) as e:
@@ -183,13 +193,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
         except (RuntimeError, KeyError, TypeError, OSError) as e:
             what = f"resume {run_dir}" if resume else "start the run"
             error = f"cannot {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if ctx is not None:
-            errors = ctx.gather(error)
-            failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
-            error = error or (failed[0] if failed else None)
-        if error is not None:
-            own = ctx is None or main or errors[ctx.rank] is not None
-            return _fail(error) if own else 2
+        if error := agreed(error):
+            return _fail(error) if main else 2
         if ctx.any(bool(early_stop)) if ctx is not None else early_stop:
             if main:
                 Console(soft_wrap=True).print("interrupted before training started; nothing was written")
@@ -197,11 +202,14 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
         holder["trainer"] = trainer
         console = Console(soft_wrap=True, quiet=not main)
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock or _lock(run_dir)
-            _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-        if ctx is not None:
-            ctx.gather(None)  # the run directory exists before any rank writes a checkpoint part into it
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = lock or _lock(run_dir)
+                _write_atomic(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+            except (RunDirBusy, OSError) as e:
+                error = str(e)
+        if error := agreed(error):  # also: the run directory exists before any rank writes into it
+            return _fail(error) if main else 2
         resumed = f", resumed at step {trainer.counters.env_steps} from {trainer.last_checkpoint}" if resume else ""
         ranks = f", {ctx.world_size} ranks x {cfg.num_envs} envs" if ctx is not None else ""
         console.print(
@@ -215,14 +223,13 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
         except KeyboardInterrupt:
             last = trainer.last_checkpoint or "none written"
             return _fail(f"aborted without a new checkpoint (last checkpoint: {last})", code=130)
-        except ReplayError as e:  # e.g. episodes shorter than the world model's sequences
-            return _fail(str(e)) if main else 2
-        except (NonFiniteError, CheckpointError) as e:
+        except ReplayError as e:  # e.g. episodes shorter than the world model's sequences (one rank's own)
+            return _fail(str(e) if ctx is None else f"rank {ctx.rank}: {e}")
+        except (NonFiniteError, CheckpointError) as e:  # every rank raises these together
             resume_hint = f". Resume with: wm-agent train --resume {run_dir}" if trainer.last_checkpoint else ""
             return _fail(f"{e}{resume_hint}", 1) if main else 1
-        except RuntimeError:
-            lost = ctx.lost_ranks() if ctx is not None else []
-            if not lost:
+        except RuntimeError as e:
+            if ctx is None or not distributed.peer_failure(e) or not (lost := ctx.lost_ranks()):
                 raise
             last = trainer.last_checkpoint or "none written"
             return _fail(

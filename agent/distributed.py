@@ -24,13 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 COLLECTIVE_TIMEOUT_S = 60
-"""A collective that waits longer than this on a rank that neither answers nor dies raises on every rank."""
-ROLL_CALL_S = 5.0
+"""A collective that waits longer than this on a rank that neither answers nor dies raises on every rank
+(gloo; NCCL's own watchdog handles its collectives)."""
+ROLL_CALL_S = 10.0
 """After a failed collective, how long the survivors wait for each other before naming the ranks lost."""
 
 
-class RankLostError(RuntimeError):
-    """Another rank died or stopped answering; the message names it."""
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank died or stopped answering."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error) or "Connection closed by peer" in str(error)
 
 
 def launched() -> bool:
@@ -46,11 +48,13 @@ class Distributed:
         self.device_type = device_type
         # Control messages (stop flags, metrics, checkpoint results) travel over gloo on the CPU
         # even when the gradients go over NCCL.
-        self.cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        self.cpu_group = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else None
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         # Under torchrun the store lives in the launcher, so the survivors of a dead rank can still meet there.
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         self.store = dist.PrefixStore(
-            f"wm_agent/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}",
+            f"wm_agent/{attempt}",
             dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=ROLL_CALL_S * 2)),
         )
 
@@ -112,13 +116,17 @@ class Distributed:
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
 
-    def check(self, error: str | None) -> None:
-        """Raise the same ``RuntimeError`` on every rank when any rank reports an error."""
-        errors = self.gather(error)
-        failed = [(r, e) for r, e in enumerate(errors) if e]
-        if failed:
-            r, e = failed[0]
-            raise RuntimeError(e if r == self.rank or self.world_size == 1 else f"rank {r}: {e}")
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank only when ``ok`` is true on every rank (e.g. a finite loss and gradient)."""
+        return not self.any(not ok)
+
+    def first_error(self, error: str | None) -> str | None:
+        """The first error any rank reports (prefixed with its rank when not rank 0), on every rank."""
+        failed = [(r, e) for r, e in enumerate(self.gather(error)) if e]
+        if not failed:
+            return None
+        r, e = failed[0]
+        return e if r == 0 else f"rank {r}: {e}"
 
     # --- failures ----------------------------------------------------------------------------
     def lost_ranks(self, wait_s: float = ROLL_CALL_S) -> list[int]:

@@ -135,9 +135,10 @@ class DynaTrainer:
         A = self.env.num_actions
         E = cfg.world_model.encoder.latent_dim
         wrap = dist.wrap if dist is not None else None
+        agree = dist.all_ok if dist is not None else None
         self.wm = WorldModel(cfg.world_model, A).to(self.device)
         self.wm_trainer = WorldModelTrainer(
-            self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile, wrap=wrap
+            self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile, wrap=wrap, agree=agree
         )
         if not 0.0 <= cfg.slow_world_model_decay < 1.0:
             raise ValueError(f"slow_world_model_decay must be in [0, 1), got {cfg.slow_world_model_decay}")
@@ -149,7 +150,7 @@ class DynaTrainer:
             raise ValueError(
                 f"policy.history {cfg.policy.history} exceeds world_model.context {cfg.world_model.context}"
             )
-        self.ppo = PPO(self.policy, cfg.ppo, wrap=wrap)
+        self.ppo = PPO(self.policy, cfg.ppo, wrap=wrap, agree=agree)
         if self.seed != cfg.seed:
             torch.manual_seed(self.seed)  # the ranks imagine and sample apart
         self.imagined = ImaginedEnv(self.wm_act, cfg.ppo.horizon)
@@ -191,7 +192,7 @@ class DynaTrainer:
         every rank's, on every rank: a collective)."""
         new, self.new_episodes = self.new_episodes, []
         if self.dist is not None:
-            new = [episode for part in self.dist.gather(new) for episode in part]
+            new = sorted((episode for part in self.dist.gather(new) for episode in part), key=lambda e: e[1])
         for ret, step in new:
             self.episode_returns.append(ret)
             self.episode_end_steps.append(step)

@@ -72,10 +72,16 @@ class PPO:
     """Owns the policy's optimizer and the running return scale."""
 
     def __init__(
-        self, policy: ActorCritic, cfg: PPOConfig, wrap: Callable[[nn.Module], nn.Module] | None = None
+        self,
+        policy: ActorCritic,
+        cfg: PPOConfig,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        agree: Callable[[bool], bool] | None = None,
     ) -> None:
-        """``wrap`` (e.g. DistributedDataParallel) wraps the policy for its gradient steps only."""
+        """``wrap`` (e.g. DistributedDataParallel) wraps the policy for its gradient steps only; ``agree``
+        turns this rank's "the step is finite" into every rank's verdict."""
         self.policy = policy
+        self.agree = agree
         self.train_policy = wrap(policy) if wrap is not None else policy
         self.cfg = cfg
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
@@ -157,7 +163,8 @@ class PPO:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+                if not (self.agree(finite) if self.agree is not None else finite):
                     skipped += 1
                     continue
                 self.optimizer.step()

@@ -70,8 +70,12 @@ class WorldModelTrainer:
         amp: bool = True,
         compile: bool = False,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        agree: Callable[[bool], bool] | None = None,
     ) -> None:
-        """``wrap`` (e.g. DistributedDataParallel) wraps the loss's module, so gradients are averaged over ranks."""
+        """``wrap`` (e.g. DistributedDataParallel) wraps the loss's module, so gradients are averaged over
+        ranks; ``agree`` turns this rank's "the step is finite" into every rank's verdict, so all of them
+        skip the same steps."""
+        self.agree = agree
         self.model = model
         self.cfg = cfg
         self.device = device
@@ -108,7 +112,8 @@ class WorldModelTrainer:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         # One host sync per update; a finite loss can still have inf gradients, so both are checked.
-        if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if self.agree(finite) if self.agree is not None else finite:
             self.optimizer.step()
             self.updates += 1
             self.consecutive_skipped = 0
