@@ -23,7 +23,14 @@ RAM_POSITIONS: dict[str, tuple[int, int, int]] = {
     "pong": (51, 49, 54),  # player_y, ball_x, ball_y
 }
 """RAM addresses of :data:`POSITION_NAMES` per ROM (AtariARI). The ball is in play where both of its
-coordinates are non-zero."""
+coordinates are non-zero and it is drawn (see :data:`BALL_HIDDEN_FROM`)."""
+
+BALL_HIDDEN_FROM: dict[str, tuple[int, float]] = {"breakout": (2, 188)}
+"""Per ROM, a column of :data:`POSITION_NAMES` and the RAM value from which the ball is no longer drawn
+although the RAM still holds its coordinates. Breakout's ball at RAM y >= 188 has passed the paddle:
+the screen shows no ball until the life is lost 1-5 steps later (``docs/breakout_world_model.md``), and
+no single frame tells where it is. These steps were ~12% of the in-play labels of a random policy and
+85% of a ball-x probe's squared error on them."""
 
 
 @dataclass
@@ -81,4 +88,7 @@ def annotated_rollout(env_id: str, steps: int, num_envs: int = 8, seed: int = 0)
         life_loss[s], first = info["life_loss"], info["is_first"]
     env.close()
     in_play = (positions[..., 1] > 0) & (positions[..., 2] > 0)
+    if ale_game(env_id) in BALL_HIDDEN_FROM:
+        column, limit = BALL_HIDDEN_FROM[ale_game(env_id)]
+        in_play &= positions[..., column] < limit
     return AnnotatedRollout(frames, actions, rewards, terminated, life_loss, is_first, positions, in_play)

@@ -55,6 +55,10 @@ def test_rollout_labels_positions_from_ram(breakout_rollout) -> None:
     # The paddle moves under random actions and the ball's coordinates are on screen while in play.
     assert r.positions[..., 0].std() > 5
     assert (r.positions[..., 1:][r.ball_in_play] > 0).all()
+    # A ball past the paddle (RAM y >= 188) is not drawn: no frame shows it, so it is not in play, and
+    # the frame from which a life is lost is such a frame.
+    assert (r.positions[..., 2][r.ball_in_play] < 188).all()
+    assert r.life_loss.any() and not r.ball_in_play[r.life_loss].any()
     with pytest.raises(ValueError, match="no RAM position annotations"):
         annotated_rollout("wm/Catch-v0", 10)
 
