@@ -123,6 +123,14 @@ def test_two_ranks_train_one_agent_and_write_the_run_once(two_rank_run):
     assert len(r0) + len(r1) == 400 and len(r0) == len(r1)
     assert not np.array_equal(r0.frames[: r0.filled], r1.frames[: r1.filled])
     assert state["counters"]["episodes"] == len(state["episode_returns"]) > 0
+    # The ranks' episodes are gathered in the order they ended.
+    assert state["episode_end_steps"].tolist() == sorted(state["episode_end_steps"].tolist())
+
+
+def test_eval_reads_a_two_rank_checkpoint(two_rank_run, tmp_path):
+    out = plain(["eval", str(two_rank_run), "--episodes", "2", "--device", "cpu", "--out", str(tmp_path / "e.json")])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(json.loads((tmp_path / "e.json").read_text())["returns"]) == 2
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_and_on_two(two_rank_run, tmp_path):
