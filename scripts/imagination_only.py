@@ -1,0 +1,104 @@
+"""Can a policy learn a game inside a trained world model's imagination alone? (issue 22, item 5)
+
+The world model of a run (its slow copy where it keeps one) is held fixed; a fresh policy is trained by
+the run's PPO on imagined rollouts started from the run's replay, for ``--updates`` updates, with no
+env step; then it plays ``--episodes`` real episodes. ``--baselines`` also scores policies that need
+no model (uniform random, each action alone, and FIRE or a move at random) on the same episodes, so a
+habit that any fixed rule would find is not taken for learning.
+
+    python -m scripts.imagination_only runs/RUN --updates 400 --episodes 16 --entropy 3e-4 --baselines
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent.checkpoint import load_latest
+from agent.dyna import load_agent
+from agent.evaluate import evaluate
+from agent.policy import ActorCritic
+from agent.ppo import PPO
+from envs import make_env
+from worldmodel.imagined_env import ImaginedEnv
+
+
+def fixed_rule_score(env_id: str, choose, episodes: int, seed: int, num_envs: int = 8) -> float:
+    """Mean return of ``episodes`` full episodes where ``choose(rng, n)`` picks the actions."""
+    env = make_env(env_id, num_envs=num_envs, seed=seed)
+    rng = np.random.default_rng(0)
+    env.reset(seed=seed)
+    returns: list[float] = []
+    started, active = np.ones(num_envs, int), np.ones(num_envs, bool)
+    share = [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+    while active.any():
+        _, _, _, _, info = env.step(choose(rng, num_envs))
+        for i in np.flatnonzero(~np.isnan(info["episode_return"]) & active):
+            returns.append(float(info["episode_return"][i]))
+            active[i] = started[i] < share[i]
+            started[i] += 1
+    env.close()
+    return float(np.mean(returns))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--updates", type=int, default=400)
+    p.add_argument("--entropy", type=float, default=None, help="PPO entropy coefficient (default: the run's)")
+    p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baselines", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    device = torch.device("cpu")
+    loaded = load_agent(a.run, device)
+    cfg, wm = loaded.cfg, loaded.wm
+    _, replay, ckpt = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
+    assert replay is not None
+    wm.set_base_rates(*replay.base_rates())
+    ppo_cfg = cfg.ppo if a.entropy is None else dataclasses.replace(cfg.ppo, entropy_coef=a.entropy)
+    policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)
+    ppo = PPO(policy, ppo_cfg)
+    imagined = ImaginedEnv(wm, ppo_cfg.horizon)
+    eval_seed = 1000 + a.seed
+
+    def real_score() -> float:
+        policy.eval()
+        return float(np.mean(evaluate(wm, policy, cfg.env, a.episodes, seed=eval_seed, device=device)))
+
+    t0 = time.time()
+    print(json.dumps({"checkpoint": str(ckpt), "entropy_coef": ppo_cfg.entropy_coef, "score_before": real_score()}))
+    K = cfg.world_model.context
+    window: list[dict[str, float]] = []
+    for u in range(1, a.updates + 1):
+        starts = replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K]
+        m = ppo.update(ppo.rollout(imagined, starts))
+        keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")
+        window.append({k.split("/")[1]: float(m[k]) for k in keys})
+        if u % 100 == 0:
+            mean = {k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]}
+            print(json.dumps({"update": u, **mean, "seconds": round(time.time() - t0)}), flush=True)
+            window = []
+    print(json.dumps({"score_after": real_score(), "seconds": round(time.time() - t0)}))
+    if a.baselines:
+        n = wm.num_actions
+        rules = {"uniform": lambda r, k: r.integers(0, n, k)}
+        rules |= {f"always_{i}": (lambda r, k, i=i: np.full(k, i)) for i in range(n)}
+        if n >= 4:  # Breakout's minimal set: NOOP, FIRE, RIGHT, LEFT
+            rules |= {f"fire_or_{i}": (lambda r, k, i=i: r.choice([1, i], k)) for i in range(2, n)}
+        scores = {name: fixed_rule_score(cfg.env, rule, a.episodes, eval_seed) for name, rule in rules.items()}
+        print(json.dumps({"fixed_rules": scores}))
+
+
+if __name__ == "__main__":
+    main()
