@@ -31,6 +31,7 @@ from worldmodel.imagined_env import ImaginedEnv
 
 def fixed_rule_score(env_id: str, choose, episodes: int, seed: int, num_envs: int = 8) -> float:
     """Mean return of ``episodes`` full episodes where ``choose(rng, n)`` picks the actions."""
+    num_envs = min(num_envs, episodes)
     env = make_env(env_id, num_envs=num_envs, seed=seed)
     rng = np.random.default_rng(0)
     env.reset(seed=seed)
