@@ -239,8 +239,6 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
             )
         finally:
             logger.close()
-    except RunDirBusy as e:
-        return _fail(str(e))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -246,7 +246,11 @@ class DynaTrainer:
         step = self.counters.env_steps
         root = checkpoint_root(self.run_dir)
         digests = tensor_digests([m.state_dict() for m in self.synced_modules()])
-        part = root / f"rank{d.rank}.step_{step:010d}.part"
+
+        def part_dir(rank: int) -> Path:
+            return root / f"rank{rank}.step_{step:010d}.part"
+
+        part = part_dir(d.rank)
         error = None
         if not d.is_main:
             own = {k: state[k] for k in ("rng_torch", "rng_numpy", "rng_python", "rng_cuda") if k in state}
@@ -269,7 +273,7 @@ class DynaTrainer:
             def move_parts(tmp: Path) -> None:
                 (tmp / RANKS).mkdir()
                 for r in range(1, d.world_size):
-                    (root / f"rank{r}.step_{step:010d}.part").rename(tmp / RANKS / str(r))
+                    part_dir(r).rename(tmp / RANKS / str(r))
 
             try:
                 path = write_checkpoint(
