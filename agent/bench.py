@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
 from agent.config import PRESETS, UsageError, parse_config, preset, validate_config
-from agent.dyna import sample_world_model_batches
+from agent.dyna import CALIBRATION_SEQUENCES, sample_world_model_batches
 from agent.machine import machine_info
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -357,9 +357,8 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     L = cfg.world_model.seq_len
     if args.updates > 0:
         train_buf = random_replay(args.env, args.data_steps, 8, args.seed, rng)
-        # As the Dyna loop trains it: rewarded sequences oversampled, the heads' extra batch, and
+        # As the Dyna loop trains it: rewarded sequences oversampled, the heads' extra batch, and (below)
         # imagination's reward and continue heads calibrated to the data's rates.
-        wm.set_base_rates(*train_buf.base_rates())
         trainer = WorldModelTrainer(wm, cfg.optim, device, amp=cfg.amp)
     t0 = time.time()
     for i in range(args.updates):
@@ -373,6 +372,9 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
             )
     train_seconds = time.time() - t0
     wm.eval()
+    if args.updates > 0:
+        real = train_buf.sample(CALIBRATION_SEQUENCES, L, rng, device)
+        wm.calibrate_heads(real.frames, real.actions, *train_buf.base_rates())
     test = test_buf.sample(256, L, rng, device, rewarded_fraction=0.0)
     with torch.no_grad():
         _, m = wm.compute_loss(test)

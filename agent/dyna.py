@@ -45,6 +45,10 @@ from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
 
+CALIBRATION_SEQUENCES = 256
+"""Real sequences (each ``seq_len`` frames, ``pred_steps`` windows) drawn to fit the heads' shifts before
+every policy phase: ~750 one-step predictions on the ``cpu`` preset."""
+
 
 class DeviceError(ValueError):
     """The requested device is not available."""
@@ -408,6 +412,21 @@ class DynaTrainer:
         self.remember_starts(latents)
         return metrics
 
+    def calibrate_heads(self) -> dict[str, torch.Tensor]:
+        """Fit the acting model's reward and continue shifts (:meth:`WorldModel.calibrate_heads`) on uniformly
+        drawn real windows, to the replay's rates of rewards and ends; under DDP every rank keeps their mean."""
+        rates = self.replay.base_rates()
+        if self.dist is not None:
+            rates = tuple(self.dist.mean(torch.tensor(rates, dtype=torch.float64)).tolist())
+        real = self.replay.sample(CALIBRATION_SEQUENCES, self.cfg.world_model.seq_len, self.rng, self.device)
+        self.wm_act.calibrate_heads(real.frames, real.actions, *rates)
+        if self.dist is not None:
+            self.wm_act.head_shifts.copy_(self.dist.mean(self.wm_act.head_shifts))
+        # The slow copy imagines; the trained model's paid-reward metrics read the same shifts.
+        self.wm.head_shifts.copy_(self.wm_act.head_shifts)
+        shifts = self.wm_act.head_shifts
+        return {"imagination/reward_shift": shifts[0].clone(), "imagination/cont_shift": shifts[1].clone()}
+
     def imagination_starts(self) -> torch.Tensor:
         """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""
         if self.starts is not None and len(self.starts) >= self.cfg.ppo.num_starts:
@@ -505,11 +524,7 @@ class DynaTrainer:
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
                 if c.policy_budget >= 1:
-                    rates = self.replay.base_rates()
-                    if self.dist is not None:
-                        rates = tuple(self.dist.mean(torch.tensor(rates, dtype=torch.float64)).tolist())
-                    for model in {self.wm, self.wm_act}:
-                        model.set_base_rates(*rates)
+                    logger.add(self.calibrate_heads())
                 while c.policy_budget >= 1 and not self.poll_stop():
                     t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())

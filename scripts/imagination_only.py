@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baselines", action="store_true")
+    p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -64,9 +65,15 @@ def main() -> None:
     device = torch.device("cpu")
     loaded = load_agent(a.run, device)
     cfg, wm = loaded.cfg, loaded.wm
+    K = cfg.world_model.context
     _, replay, ckpt = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
     assert replay is not None
     wm.set_base_rates(*replay.base_rates())
+    bayes = wm.head_shifts.tolist()
+    if not a.bayes:
+        real = replay.sample(64, K + 16, rng)
+        wm.calibrate_heads(real.frames, real.actions, *replay.base_rates())
+    print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
     ppo_cfg = cfg.ppo if a.entropy is None else dataclasses.replace(cfg.ppo, entropy_coef=a.entropy)
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)
     ppo = PPO(policy, ppo_cfg)
@@ -79,7 +86,6 @@ def main() -> None:
 
     t0 = time.time()
     print(json.dumps({"checkpoint": str(ckpt), "entropy_coef": ppo_cfg.entropy_coef, "score_before": real_score()}))
-    K = cfg.world_model.context
     window: list[dict[str, float]] = []
     for u in range(1, a.updates + 1):
         starts = replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K]

@@ -186,6 +186,44 @@ def test_base_rates_calibrate_balanced_heads() -> None:
     assert abs(float(torch.sigmoid(cont_logit)) - 0.98) < 1e-4  # continuing is 98% of real transitions
 
 
+def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -> None:
+    """After ``calibrate_heads`` the calibrated heads, one imagined step from the same real windows,
+    predict a reward and an end as often on average as asked, whatever the untrained heads said; the
+    heads' input statistics are not touched, and the shifts survive a state-dict round trip."""
+    torch.manual_seed(0)
+    wm = WorldModel(small_cfg(), num_actions=3)
+    batch = catch_replay.sample(32, wm.cfg.seq_len, np.random.default_rng(0))
+    norm_before = {k: v.clone() for k, v in wm.head_input_norm.state_dict().items()}
+    for rewarded, ended in ((0.01, 0.05), (0.3, 0.002)):
+        fitted = wm.calibrate_heads(batch.frames, batch.actions, rewarded, ended)
+        assert fitted == {"reward_shift": pytest.approx(float(wm.head_shifts[0])), "cont_shift": pytest.approx(float(wm.head_shifts[1]))}
+        K = wm.cfg.context
+        with torch.no_grad():
+            z = wm.encode(batch.frames)
+            window = WorldModel.windows(z[:, :-1], K)
+            a = batch.actions[:, K - 1 :].reshape(-1)
+            rew_logits, cont_logit = wm.calibrated_heads(window[:, -1], wm.predictor(window, a)[:, 0])
+        assert float(1 - rew_logits.softmax(-1)[:, wm.zero_bin].mean()) == pytest.approx(rewarded, rel=1e-3)
+        assert float(1 - torch.sigmoid(cont_logit).mean()) == pytest.approx(ended, rel=1e-3)
+    for k, v in wm.head_input_norm.state_dict().items():
+        assert torch.equal(v, norm_before[k])
+    again = WorldModel(small_cfg(), num_actions=3)
+    again.load_state_dict_compat(wm.state_dict())
+    assert torch.equal(again.head_shifts, wm.head_shifts)
+
+
+def test_checkpoints_with_base_rates_load_with_their_bayes_shifts() -> None:
+    """World models saved before ``head_shifts`` kept the data's rates as ``base_rates``."""
+    wm = WorldModel(small_cfg(), num_actions=3)
+    state = {k: v for k, v in wm.state_dict().items() if k != "head_shifts"}
+    state["base_rates"] = torch.tensor([0.1, 0.02])
+    wm.load_state_dict_compat(state)
+    expected = WorldModel(small_cfg(), num_actions=3)
+    expected.set_base_rates(0.1, 0.02)
+    torch.testing.assert_close(wm.head_shifts, expected.head_shifts)
+    assert float(wm.head_shifts[0]) == pytest.approx(float(torch.log(torch.tensor(0.9 / 0.1))))
+
+
 def test_encoder_hold_keeps_the_encoder_fixed_then_releases_it(catch_replay) -> None:
     torch.manual_seed(0)
     cfg = small_cfg()

@@ -222,6 +222,19 @@ def balanced_weights(is_positive: torch.Tensor) -> torch.Tensor:
     return torch.where((count > 0) & (count < n), balanced, torch.ones_like(pos))
 
 
+def fit_shift(rate_at, target: float, decreasing: bool, lo: float = -30.0, hi: float = 30.0, iters: int = 50) -> float:
+    """The logit shift ``s`` in ``[lo, hi]`` where the monotone ``rate_at(s)`` (a 0-d tensor) meets ``target``
+    (bisection)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        above = float(rate_at(torch.tensor(mid))) > target
+        if above == decreasing:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 class WorldModel(nn.Module):
     """VideoViT encoder + LatentDynamicsPredictor + HybridConvTransformerDecoder + RewardPredictor,
     plus a continue head (a second RewardPredictor with one logit) so imagined episodes can end."""
@@ -240,11 +253,11 @@ class WorldModel(nn.Module):
         self.motion_head = MotionMapHead(E, cfg.loss.motion_map_cells) if cfg.loss.motion_map > 0 else None
         self.register_buffer("reward_bins", make_bins(cfg.loss.reward_bins, cfg.loss.reward_limit), persistent=False)
         self.zero_bin = int(self.reward_bins.abs().argmin())
-        # The heads learn with class-balanced weights, i.e. as if rewarded and unrewarded (terminal and
-        # continuing) transitions were equally common. Imagination shifts their logits by the real data's
-        # prior log-odds (Bayes' rule), so expected rewards and continue probabilities are calibrated:
-        # without it, Breakout's imagined reward was ~0.45 on every step.
-        self.register_buffer("base_rates", torch.tensor([0.5, 0.5]))  # (rewarded, terminal) fractions
+        # The heads learn with class-balanced weights on batches that oversample rewards and ends, i.e. as
+        # if rewarded and unrewarded (ending and continuing) transitions were equally common. Imagination
+        # adds to the logit of "no reward" and of "goes on" the shifts below, set by `set_base_rates`
+        # (Bayes' rule) or fitted on real windows by `calibrate_heads`.
+        self.register_buffer("head_shifts", torch.zeros(2))  # (reward zero bin, continue) logit shifts
         self.head_input_norm = RunningStandardizer(E)
         # eps well below the ~1e-4 per-feature variance of a fresh encoder's latents.
         self.decoder_input_norm = RunningStandardizer(E, eps=1e-8)
@@ -288,30 +301,63 @@ class WorldModel(nn.Module):
         return self.decode(z_next).clamp(0, 1)
 
     def set_base_rates(self, rewarded: float, terminal: float) -> None:
-        """The fractions of real transitions with a non-zero reward and with a (life-loss) terminal."""
-        self.base_rates.copy_(torch.tensor([rewarded, terminal]).clamp(1e-4, 1 - 1e-4))
+        """Shift the heads by the prior log-odds of the real data's fractions of transitions with a non-zero
+        reward and with a (life-loss) terminal: exact if the balanced heads were calibrated on negatives
+        drawn like the real ones. :meth:`calibrate_heads` fits the shifts instead."""
+        rates = torch.tensor([rewarded, terminal], dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+        self.head_shifts.copy_(torch.log((1 - rates) / rates))
+
+    @torch.no_grad()
+    def calibrate_heads(self, frames: torch.Tensor, actions: torch.Tensor, rewarded: float, ended: float) -> dict[str, float]:
+        """Fit :attr:`head_shifts` so that one imagined step from every ``K``-frame window of real sequences
+        (uint8 ``frames [B, L, H, W]``, ``actions [B, L-1]``, drawn uniformly from replay) predicts a
+        reward and an end as often, on average, as the real data has them (fractions ``rewarded`` and
+        ``ended``). On Breakout the Bayes shift of :meth:`set_base_rates` paid ~1/9 of the real mean
+        reward: the batches' negatives are oversampled next to rewards, where they look like rewards.
+        Returns the fitted shifts."""
+        K, was_training = self.cfg.context, self.training
+        self.eval()  # the heads' input standardizer must not learn from these
+        z = self.encode(frames)  # (B, L, E)
+        window = self.windows(z[:, :-1], K)  # (B * (L - K), K, E)
+        a = actions[:, K - 1 :].reshape(-1)
+        rew_logits, cont_logit = (x.float() for x in self.heads(window[:, -1], self.predictor(window, a)[:, 0]))
+        self.train(was_training)
+        zero = F.one_hot(torch.tensor(self.zero_bin), rew_logits.shape[-1]).to(rew_logits)
+
+        def p_reward(shift: torch.Tensor) -> torch.Tensor:
+            return 1 - (rew_logits + shift * zero).softmax(-1)[:, self.zero_bin].mean()
+
+        def p_end(shift: torch.Tensor) -> torch.Tensor:
+            return 1 - torch.sigmoid(cont_logit + shift).mean()
+
+        fitted = [fit_shift(p_reward, rewarded, decreasing=True), fit_shift(p_end, ended, decreasing=True)]
+        self.head_shifts.copy_(torch.tensor(fitted))
+        return {"reward_shift": fitted[0], "cont_shift": fitted[1]}
 
     def load_state_dict_compat(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """``load_state_dict``; checkpoints written before ``base_rates`` existed load with 0.5 (no shift),
-        and those from before the heads' input standardization with an identity one (how they were trained)."""
+        """``load_state_dict``; checkpoints written with ``base_rates`` (fractions, before ``head_shifts``)
+        load with their Bayes shifts, those from before either with none, and those from before the heads'
+        input standardization with an identity one (how they were trained)."""
+        state_dict = dict(state_dict)
+        rates = state_dict.pop("base_rates", None)
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        optional = {"base_rates"} | {
+        optional = {"head_shifts"} | {
             f"{norm}.{k}" for norm in ("head_input_norm", "decoder_input_norm") for k in ("mean", "var", "initialized")
         }
         if unexpected or set(missing) - optional:
             raise RuntimeError(f"world-model state does not match: missing {missing}, unexpected {unexpected}")
+        if rates is not None and "head_shifts" not in state_dict:
+            self.set_base_rates(*rates.tolist())
 
     def calibrated_heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`heads` with logits shifted from the balanced training prior to ``base_rates``."""
+        """:meth:`heads` with the logits shifted by :attr:`head_shifts` to the real data's rates."""
         rew_logits, cont_logit = self.heads(z_t, z_next)
-        terminal = self.base_rates[1]
-        return self.calibrate_reward(rew_logits), cont_logit + torch.log((1 - terminal) / terminal)
+        return self.calibrate_reward(rew_logits), cont_logit + self.head_shifts[1]
 
     def calibrate_reward(self, rew_logits: torch.Tensor) -> torch.Tensor:
         """Reward logits ``[N, bins]`` of the balanced training prior -> logits at the real data's rewarded fraction."""
-        rewarded = self.base_rates[0]
         shift = torch.zeros_like(self.reward_bins)
-        shift[self.zero_bin] = torch.log((1 - rewarded) / rewarded)
+        shift[self.zero_bin] = self.head_shifts[0]
         return rew_logits + shift
 
     @torch.no_grad()
