@@ -373,7 +373,7 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     train_seconds = time.time() - t0
     wm.eval()
     if args.updates > 0:
-        real = train_buf.sample(CALIBRATION_SEQUENCES, L, rng, device)
+        real = train_buf.sample(CALIBRATION_SEQUENCES, cfg.world_model.context + 1, rng, device)
         wm.calibrate_heads(real.frames, real.actions, *train_buf.base_rates())
     test = test_buf.sample(256, L, rng, device, rewarded_fraction=0.0)
     with torch.no_grad():

@@ -45,9 +45,9 @@ from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
 
-CALIBRATION_SEQUENCES = 256
-"""Real sequences (each ``seq_len`` frames, ``pred_steps`` windows) drawn to fit the heads' shifts before
-every policy phase: ~750 one-step predictions on the ``cpu`` preset."""
+CALIBRATION_SEQUENCES = 512
+"""Real windows of ``context + 1`` frames drawn to fit the heads' shifts (one imagined step from each)
+before every policy phase."""
 
 
 class DeviceError(ValueError):
@@ -418,7 +418,7 @@ class DynaTrainer:
         rates = self.replay.base_rates()
         if self.dist is not None:
             rates = tuple(self.dist.mean(torch.tensor(rates, dtype=torch.float64)).tolist())
-        real = self.replay.sample(CALIBRATION_SEQUENCES, self.cfg.world_model.seq_len, self.rng, self.device)
+        real = self.replay.sample(CALIBRATION_SEQUENCES, self.cfg.world_model.context + 1, self.rng, self.device)
         self.wm_act.calibrate_heads(real.frames, real.actions, *rates)
         if self.dist is not None:
             self.wm_act.head_shifts.copy_(self.dist.mean(self.wm_act.head_shifts))
@@ -524,7 +524,9 @@ class DynaTrainer:
                 if self.wm_trainer.updates >= cfg.policy_start_updates:
                     c.policy_budget += steps_this_iter * cfg.policy_train_ratio
                 if c.policy_budget >= 1:
+                    t0 = time.perf_counter()
                     logger.add(self.calibrate_heads())
+                    timings["imagination"] += time.perf_counter() - t0
                 while c.policy_budget >= 1 and not self.poll_stop():
                     t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())

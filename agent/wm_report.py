@@ -151,7 +151,8 @@ def world_model_report(
 ) -> dict:
     """Items 1-4 of issue 22 on held-out data ``data`` (arrays ``[S, N]`` from slot 0, as
     :func:`replay_of` or ``random_replay`` leave them); ``positions [S, N, 3]`` and ``ball_in_play [S, N]``
-    (see :class:`AnnotatedRollout`) add the probes. The world model's ``head_shifts`` must be set (``calibrate_heads`` or ``set_base_rates``).
+    (see :class:`AnnotatedRollout`) add the probes. The world model's ``head_shifts`` must be set
+    (``calibrate_heads`` or ``set_base_rates``).
 
     Returns ``probe`` (R^2 of each position on encoder latents), ``open_loop`` (per depth: R^2 of the same
     probe on the predictor's latents, and ``hold_last_*`` for the last real latent held still), and per

@@ -21,9 +21,11 @@ import torch
 
 from agent.actor import RealEnvActor
 from agent.dyna import load_agent
+from agent.policy import ActorCritic
 from envs.annotations import BALL_HIDDEN_FROM, RAM_POSITIONS
 from envs.atari import AtariGymEnv
 from envs.base import EnvSettings
+from worldmodel.world_model import WorldModel
 
 RIGHT, LEFT = 2, 3
 AIM_OFFSET = 8.0
@@ -31,10 +33,13 @@ AIM_OFFSET = 8.0
 (44.5 over 2 episodes, against 7-36 for offsets -8 to 16; ``scripts/policy_ranking.py``)."""
 
 
-def following(run: Path, steps: int, seed: int, dead: float, num_envs: int = 8) -> dict:
-    loaded = load_agent(run, torch.device("cpu"), warn=lambda _: None)
-    env = AtariGymEnv(EnvSettings(env_id=loaded.cfg.env, num_envs=num_envs, seed=seed))
-    actor = RealEnvActor(loaded.wm, loaded.policy, num_envs, torch.device("cpu"))
+def following(
+    wm: WorldModel, policy: ActorCritic, env_id: str, steps: int, seed: int, dead: float = 6.0, num_envs: int = 8
+) -> dict:
+    """Shares of counted steps (ball in play, more than ``dead`` to one side) where the policy moves
+    toward / away from the ball, its action shares and the returns of the episodes it finished."""
+    env = AtariGymEnv(EnvSettings(env_id=env_id, num_envs=num_envs, seed=seed))
+    actor = RealEnvActor(wm, policy, num_envs, torch.device("cpu"))
     paddle, ball_x, ball_y = RAM_POSITIONS["breakout"]
     limit = BALL_HIDDEN_FROM["breakout"][1]
     obs, info = env.reset(seed=seed)
@@ -57,8 +62,6 @@ def following(run: Path, steps: int, seed: int, dead: float, num_envs: int = 8) 
         returns += [float(r) for r in info["episode_return"][~np.isnan(info["episode_return"])]]
     env.close()
     return {
-        "run": str(run),
-        "env_steps": loaded.env_steps,
         "counted_steps": counted,
         "toward": round(toward / max(counted, 1), 3),
         "away": round(away / max(counted, 1), 3),
@@ -79,7 +82,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     for run in a.runs:
-        print(json.dumps(following(run, a.steps, a.seed, a.dead)), flush=True)
+        loaded = load_agent(run, torch.device("cpu"), warn=lambda _: None)
+        stats = following(loaded.wm, loaded.policy, loaded.cfg.env, a.steps, a.seed, a.dead)
+        print(json.dumps({"run": str(run), "env_steps": loaded.env_steps, **stats}), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main() -> None:
     cfg = preset("cpu")
     K = cfg.world_model.context
     wm = WorldModel(cfg.world_model, 4)
-    wm.load_state_dict(torch.load(args.model, weights_only=True)["world_model"])
+    wm.load_state_dict_compat(torch.load(args.model, weights_only=True)["world_model"])
     wm.eval()
     t0 = time.time()
     tr = random_replay("ALE/Breakout-v5", 20_000, 8, 0, rng)

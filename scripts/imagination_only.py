@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_latest
-from agent.dyna import load_agent
+from agent.dyna import CALIBRATION_SEQUENCES, load_agent
 from agent.evaluate import evaluate
 from agent.policy import ActorCritic
 from agent.ppo import PPO
 from envs import make_env
+from scripts.ball_following import following
 from worldmodel.imagined_env import ImaginedEnv
 
 
@@ -58,6 +59,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baselines", action="store_true")
     p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
+    p.add_argument("--calibrate-depth", type=int, default=1, help="fit the shifts over this many imagined steps")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -71,7 +73,7 @@ def main() -> None:
     wm.set_base_rates(*replay.base_rates())
     bayes = wm.head_shifts.tolist()
     if not a.bayes:
-        real = replay.sample(64, K + 16, rng)
+        real = replay.sample(CALIBRATION_SEQUENCES, K + a.calibrate_depth, rng)
         wm.calibrate_heads(real.frames, real.actions, *replay.base_rates())
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
     ppo_cfg = cfg.ppo if a.entropy is None else dataclasses.replace(cfg.ppo, entropy_coef=a.entropy)
@@ -97,6 +99,9 @@ def main() -> None:
             print(json.dumps({"update": u, **mean, "seconds": round(time.time() - t0)}), flush=True)
             window = []
     print(json.dumps({"score_after": real_score(), "seconds": round(time.time() - t0)}))
+    if cfg.env == "ALE/Breakout-v5":
+        policy.eval()
+        print(json.dumps({"ball_following": following(wm, policy, cfg.env, 2000, eval_seed)}))
     if a.baselines:
         n = wm.num_actions
         rules = {"uniform": lambda r, k: r.integers(0, n, k)}

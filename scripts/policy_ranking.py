@@ -86,7 +86,9 @@ class Tracker(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4))
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -97,11 +99,14 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--starts", type=int, default=256)
     p.add_argument("--horizon", type=int, default=15)
-    p.add_argument("--offset", type=float, default=None, help="ball x minus paddle x the rule aims at (default: searched)")
+    p.add_argument(
+        "--offset", type=float, default=None, help="ball x minus paddle x the rule aims at (default: searched)"
+    )
     p.add_argument("--episodes", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
+    p.add_argument("--calibrate-depth", type=int, default=1, help="fit the shifts over this many imagined steps")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -113,7 +118,7 @@ def main() -> None:
     _, replay, _ = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
     wm.set_base_rates(*replay.base_rates())
     if not a.bayes:
-        real = replay.sample(CALIBRATION_SEQUENCES, cfg.world_model.seq_len, rng)
+        real = replay.sample(CALIBRATION_SEQUENCES, cfg.world_model.context + a.calibrate_depth, rng)
         wm.calibrate_heads(real.frames, real.actions, *replay.base_rates())
     print(json.dumps({"head_shifts": [round(x, 3) for x in wm.head_shifts.tolist()], "bayes": a.bayes}), flush=True)
 
@@ -121,12 +126,19 @@ def main() -> None:
     if a.offset is None:
         scores = {off: rule_score(env_id, off, 2, a.seed + 500) for off in (-8.0, -4.0, 0.0, 4.0, 8.0, 12.0, 16.0)}
         a.offset = max(scores, key=scores.get)
-        print(json.dumps({"rule_offset_scores": scores, "offset": a.offset, "seconds": round(time.time() - t0)}), flush=True)
+        print(
+            json.dumps({"rule_offset_scores": scores, "offset": a.offset, "seconds": round(time.time() - t0)}),
+            flush=True,
+        )
     data = annotated_rollout(env_id, 20_000, num_envs=8, seed=a.seed + 100)
     S, N = data.actions.shape
     with torch.no_grad():
-        z = torch.cat([wm.encode(torch.from_numpy(data.frames.reshape(S * N, 1, 64, 64))[i : i + 512])[:, 0]
-                       for i in range(0, S * N, 512)])
+        z = torch.cat(
+            [
+                wm.encode(torch.from_numpy(data.frames.reshape(S * N, 1, 64, 64))[i : i + 512])[:, 0]
+                for i in range(0, S * N, 512)
+            ]
+        )
     pos = data.positions.reshape(S * N, 3)
     labels = torch.as_tensor(ram_rule(pos[:, 0], pos[:, 1], data.ball_in_play.reshape(-1), a.offset))
     tracker = Tracker(z.shape[1])
@@ -140,8 +152,16 @@ def main() -> None:
         opt.step()
     with torch.no_grad():
         acc = float((tracker(z[n_train:]).argmax(-1) == labels[n_train:]).float().mean())
-    print(json.dumps({"tracker_heldout_acc": round(acc, 3), "label_shares": np.bincount(labels.numpy(), minlength=4).tolist(),
-                      "seconds": round(time.time() - t0)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "tracker_heldout_acc": round(acc, 3),
+                "label_shares": np.bincount(labels.numpy(), minlength=4).tolist(),
+                "seconds": round(time.time() - t0),
+            }
+        ),
+        flush=True,
+    )
 
     def act(name: str, latent: torch.Tensor) -> np.ndarray:
         """Actions ``[B]`` of policy ``name`` from latents ``[B, E]``."""
@@ -213,7 +233,8 @@ def main() -> None:
                 "imagined_life_lost": round(float(1 - im_alive[h - 1].mean()), 3),
                 "corr_return": round(float(np.corrcoef(rr, ir)[0, 1]), 3) if rr.std() > 0 and ir.std() > 0 else None,
                 "corr_alive": round(float(np.corrcoef(real_alive[h - 1], im_alive[h - 1])[0, 1]), 3)
-                if real_alive[h - 1].std() > 0 else None,
+                if real_alive[h - 1].std() > 0
+                else None,
             }
             print(json.dumps({**row, "seconds": round(time.time() - t0)}), flush=True)
 
@@ -225,13 +246,24 @@ def main() -> None:
             obs, total = env.reset(seed=a.seed + 300 + e)[0], 0.0
             for _ in range(4000):
                 with torch.no_grad():
-                    obs, r, term, trunc, _ = env.step(int(act(name, wm.encode(torch.from_numpy(obs[None, None]))[:, 0])[0]))
+                    obs, r, term, trunc, _ = env.step(
+                        int(act(name, wm.encode(torch.from_numpy(obs[None, None]))[:, 0])[0])
+                    )
                 total += r
                 if term or trunc:
                     break
             scores.append(total)
-        print(json.dumps({"policy": name, "episode_scores": scores, "mean": float(np.mean(scores)),
-                          "seconds": round(time.time() - t0)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "policy": name,
+                    "episode_scores": scores,
+                    "mean": float(np.mean(scores)),
+                    "seconds": round(time.time() - t0),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

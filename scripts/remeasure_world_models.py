@@ -52,15 +52,27 @@ def main() -> None:
         r = rollouts[env]
         if a.calibrate:
             if (env, check["data_steps"]) not in train_data:
-                train_data[env, check["data_steps"]] = random_replay(env, check["data_steps"], 8, 0, np.random.default_rng(0))
+                train_data[env, check["data_steps"]] = random_replay(
+                    env, check["data_steps"], 8, 0, np.random.default_rng(0)
+                )
             buf = train_data[env, check["data_steps"]]
-            real = buf.sample(CALIBRATION_SEQUENCES, cfg.world_model.seq_len, np.random.default_rng(0))
+            real = buf.sample(CALIBRATION_SEQUENCES, cfg.world_model.context + 1, np.random.default_rng(0))
             wm.eval()
             wm.calibrate_heads(real.frames, real.actions, *buf.base_rates())
         t0 = time.time()
         report = world_model_report(wm, replay_of(r), r.positions, r.ball_in_play, seed=0)
         (d / a.out).write_text(json.dumps(report, indent=1))
-        print(json.dumps({"dir": str(d), "head_shifts": wm.head_shifts.tolist(), "probe": report["probe"], "seconds": round(time.time() - t0)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "dir": str(d),
+                    "head_shifts": wm.head_shifts.tolist(),
+                    "probe": report["probe"],
+                    "seconds": round(time.time() - t0),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -187,24 +187,31 @@ def test_base_rates_calibrate_balanced_heads() -> None:
 
 
 def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -> None:
-    """After ``calibrate_heads`` the calibrated heads, one imagined step from the same real windows,
-    predict a reward and an end as often on average as asked, whatever the untrained heads said; the
-    heads' input statistics are not touched, and the shifts survive a state-dict round trip."""
+    """After ``calibrate_heads`` the calibrated heads, over the imagined steps run from the same real
+    context under the same actions, predict a reward and an end as often on average as asked, whatever
+    the untrained heads said; the heads' input statistics are not touched, and the shifts survive a
+    state-dict round trip."""
     torch.manual_seed(0)
     wm = WorldModel(small_cfg(), num_actions=3)
-    batch = catch_replay.sample(32, wm.cfg.seq_len, np.random.default_rng(0))
+    K, D = wm.cfg.context, 2
+    batch = catch_replay.sample(32, K + D, np.random.default_rng(0))
     norm_before = {k: v.clone() for k, v in wm.head_input_norm.state_dict().items()}
     for rewarded, ended in ((0.01, 0.05), (0.3, 0.002)):
         fitted = wm.calibrate_heads(batch.frames, batch.actions, rewarded, ended)
-        assert fitted == {"reward_shift": pytest.approx(float(wm.head_shifts[0])), "cont_shift": pytest.approx(float(wm.head_shifts[1]))}
-        K = wm.cfg.context
-        with torch.no_grad():
-            z = wm.encode(batch.frames)
-            window = WorldModel.windows(z[:, :-1], K)
-            a = batch.actions[:, K - 1 :].reshape(-1)
-            rew_logits, cont_logit = wm.calibrated_heads(window[:, -1], wm.predictor(window, a)[:, 0])
-        assert float(1 - rew_logits.softmax(-1)[:, wm.zero_bin].mean()) == pytest.approx(rewarded, rel=1e-3)
-        assert float(1 - torch.sigmoid(cont_logit).mean()) == pytest.approx(ended, rel=1e-3)
+        assert fitted["reward_shift"] == pytest.approx(float(wm.head_shifts[0]))
+        assert fitted["cont_shift"] == pytest.approx(float(wm.head_shifts[1]))
+        env = ImaginedEnv(wm, horizon=D)
+        env.reset(batch.frames[:, :K])
+        p_reward, p_end = [], []
+        for d in range(D):
+            window = env.window
+            z_next = wm.predictor(window, batch.actions[:, K - 1 + d])
+            rew_logits, cont_logit = wm.calibrated_heads(window[:, -1], z_next[:, 0])
+            p_reward.append(1 - rew_logits.softmax(-1)[:, wm.zero_bin])
+            p_end.append(1 - torch.sigmoid(cont_logit))
+            env.step(batch.actions[:, K - 1 + d])
+        assert float(torch.cat(p_reward).mean()) == pytest.approx(rewarded, rel=1e-3)
+        assert float(torch.cat(p_end).mean()) == pytest.approx(ended, rel=1e-3)
     for k, v in wm.head_input_norm.state_dict().items():
         assert torch.equal(v, norm_before[k])
     again = WorldModel(small_cfg(), num_actions=3)

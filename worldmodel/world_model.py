@@ -308,20 +308,27 @@ class WorldModel(nn.Module):
         self.head_shifts.copy_(torch.log((1 - rates) / rates))
 
     @torch.no_grad()
-    def calibrate_heads(self, frames: torch.Tensor, actions: torch.Tensor, rewarded: float, ended: float) -> dict[str, float]:
-        """Fit :attr:`head_shifts` so that one imagined step from every ``K``-frame window of real sequences
-        (uint8 ``frames [B, L, H, W]``, ``actions [B, L-1]``, drawn uniformly from replay) predicts a
-        reward and an end as often, on average, as the real data has them (fractions ``rewarded`` and
-        ``ended``). On Breakout the Bayes shift of :meth:`set_base_rates` paid ~1/9 of the real mean
-        reward: the batches' negatives are oversampled next to rewards, where they look like rewards.
-        Returns the fitted shifts."""
+    def calibrate_heads(
+        self, frames: torch.Tensor, actions: torch.Tensor, rewarded: float, ended: float
+    ) -> dict[str, float]:
+        """Fit :attr:`head_shifts` so that imagination, run ``D`` steps from the first ``K`` frames of real
+        sequences under their real actions (uint8 ``frames [B, K + D, H, W]``, ``actions [B, K + D - 1]``,
+        drawn uniformly from replay), predicts a reward and an end as often, on average over the ``B * D``
+        steps, as the real data has them (fractions ``rewarded`` and ``ended``). On Breakout the Bayes
+        shift of :meth:`set_base_rates` paid ~1/9 of the real mean reward: the batches' negatives are
+        oversampled next to rewards, where they look like rewards. Returns the fitted shifts."""
         K, was_training = self.cfg.context, self.training
         self.eval()  # the heads' input standardizer must not learn from these
-        z = self.encode(frames)  # (B, L, E)
-        window = self.windows(z[:, :-1], K)  # (B * (L - K), K, E)
-        a = actions[:, K - 1 :].reshape(-1)
-        rew_logits, cont_logit = (x.float() for x in self.heads(window[:, -1], self.predictor(window, a)[:, 0]))
+        window = self.encode(frames[:, :K])  # (B, K, E)
+        rew, cont = [], []
+        for a in actions[:, K - 1 :].unbind(1):
+            z_next = self.predictor(window, a)  # (B, 1, E)
+            r, c = self.heads(window[:, -1], z_next[:, 0])
+            rew.append(r.float())
+            cont.append(c.float())
+            window = torch.cat([window[:, 1:], z_next.to(window.dtype)], dim=1)
         self.train(was_training)
+        rew_logits, cont_logit = torch.cat(rew), torch.cat(cont)
         zero = F.one_hot(torch.tensor(self.zero_bin), rew_logits.shape[-1]).to(rew_logits)
 
         def p_reward(shift: torch.Tensor) -> torch.Tensor:
