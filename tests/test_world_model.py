@@ -205,8 +205,9 @@ def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -
         p_reward, p_end = [], []
         for d in range(D):
             window = env.window
-            z_next = wm.predictor(window, batch.actions[:, K - 1 + d])
-            rew_logits, cont_logit = wm.calibrated_heads(window[:, -1], z_next[:, 0])
+            with torch.no_grad():
+                z_next = wm.predictor(window, batch.actions[:, K - 1 + d])
+                rew_logits, cont_logit = wm.calibrated_heads(window[:, -1], z_next[:, 0])
             p_reward.append(1 - rew_logits.softmax(-1)[:, wm.zero_bin])
             p_end.append(1 - torch.sigmoid(cont_logit))
             env.step(batch.actions[:, K - 1 + d])
