@@ -89,6 +89,11 @@ class TrainConfig:
     trained one by an exponential moving average with this decay per world-model update (0.99: a time
     constant of ~100 updates), so the policy does not chase the trained model's short-lived errors.
     Checkpoints keep both; ``eval`` and ``watch`` use the copy. 0 = the trained model itself."""
+    fit_head_shifts: bool = True
+    """Before every policy phase, fit the reward and continue heads' logit shifts on real replay windows
+    so that imagination predicts rewards and ends at the replay's rates (``WorldModel.calibrate_heads``;
+    on Breakout the Bayes shift paid ~1/9 of the real reward). False: shift by the rates' prior
+    log-odds (Bayes' rule), as before 2026-12-05."""
     replay_capacity: int = 100_000
     """Frames kept in replay (64x64 uint8: 100k frames ~ 410 MB)."""
     log_every: int = 1_000

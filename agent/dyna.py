@@ -414,10 +414,15 @@ class DynaTrainer:
 
     def calibrate_heads(self) -> dict[str, torch.Tensor]:
         """Fit the acting model's reward and continue shifts (:meth:`WorldModel.calibrate_heads`) on uniformly
-        drawn real windows, to the replay's rates of rewards and ends; under DDP every rank keeps their mean."""
+        drawn real windows, to the replay's rates of rewards and ends (or, without ``fit_head_shifts``,
+        shift both models by the rates' log-odds); under DDP every rank keeps their mean."""
         rates = self.replay.base_rates()
         if self.dist is not None:
             rates = tuple(self.dist.mean(torch.tensor(rates, dtype=torch.float64)).tolist())
+        if not self.cfg.fit_head_shifts:
+            for model in {self.wm, self.wm_act}:
+                model.set_base_rates(*rates)
+            return {}
         real = self.replay.sample(CALIBRATION_SEQUENCES, self.cfg.world_model.context + 1, self.rng, self.device)
         self.wm_act.calibrate_heads(real.frames, real.actions, *rates)
         if self.dist is not None:

@@ -83,3 +83,24 @@ def test_head_batch_takes_head_rewarded_fraction_of_rewarded_transitions(tmp_pat
         train_quietly(trainer)
     assert seen[1.0] and min(seen[1.0]) == 1.0
     assert seen[0.5] and max(seen[0.5]) == 0.5
+
+
+def test_policy_phase_fits_the_heads_shifts_or_keeps_bayes(tmp_path: Path) -> None:
+    """Before imagining, the loop fits the acting model's shifts to the replay's rates (logged), and
+    copies them to the trained model; with ``fit_head_shifts`` off both take the rates' log-odds."""
+    cfg = preset("debug")
+    cfg.env, cfg.threads = "wm/Catch-v0", 1
+    trainer = DynaTrainer(cfg, tmp_path / "fit")
+    trainer.replay = random_replay(cfg.env, 400, cfg.num_envs, seed=0)
+    rewarded, ended = trainer.replay.base_rates()
+    metrics = trainer.calibrate_heads()
+    bayes = torch.log(torch.tensor([(1 - rewarded) / rewarded, (1 - ended) / ended]))
+    fitted = torch.stack([metrics["imagination/reward_shift"], metrics["imagination/cont_shift"]])
+    assert not torch.allclose(fitted, bayes, atol=1e-2)
+    torch.testing.assert_close(trainer.wm.head_shifts, trainer.wm_act.head_shifts)
+    cfg.fit_head_shifts = False
+    plain = DynaTrainer(cfg, tmp_path / "bayes")
+    plain.replay = trainer.replay
+    assert plain.calibrate_heads() == {}
+    for model in (plain.wm, plain.wm_act):
+        torch.testing.assert_close(model.head_shifts, bayes)
