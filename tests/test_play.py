@@ -181,6 +181,8 @@ def test_cli_serves_warns_on_open_host_and_stops_on_ctrl_c(catch_run: Path) -> N
         [sys.executable, "-m", "agent.cli", "play", str(catch_run), "--port", "0", "--host", "0.0.0.0",
          "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A suite started in the background inherits an ignored SIGINT, and so would the server.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         lines = []
