@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
 from agent.config import PRESETS, UsageError, parse_config, preset, validate_config
-from agent.dyna import CALIBRATION_SEQUENCES, sample_world_model_batches
+from agent.dyna import calibrate_on_replay, sample_world_model_batches
 from agent.machine import machine_info
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -373,8 +373,7 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     train_seconds = time.time() - t0
     wm.eval()
     if args.updates > 0:
-        real = train_buf.sample(CALIBRATION_SEQUENCES, cfg.world_model.context + 1, rng, device)
-        wm.calibrate_heads(real.frames, real.actions, *train_buf.base_rates())
+        calibrate_on_replay(wm, train_buf, rng, device)
     test = test_buf.sample(256, L, rng, device, rewarded_fraction=0.0)
     with torch.no_grad():
         _, m = wm.compute_loss(test)

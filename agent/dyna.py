@@ -46,8 +46,22 @@ from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
 
 CALIBRATION_SEQUENCES = 512
-"""Real windows of ``context + 1`` frames drawn to fit the heads' shifts (one imagined step from each)
-before every policy phase."""
+"""Real windows drawn to fit the heads' shifts before every policy phase."""
+
+
+def calibrate_on_replay(
+    wm: WorldModel,
+    replay: ReplayBuffer,
+    rng: np.random.Generator,
+    device: torch.device | str = "cpu",
+    depth: int = 1,
+    rates: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """:meth:`WorldModel.calibrate_heads` on :data:`CALIBRATION_SEQUENCES` uniformly drawn windows of
+    ``context + depth`` frames of ``replay``, to ``rates`` (default: the replay's own rewarded and ended
+    fractions)."""
+    real = replay.sample(CALIBRATION_SEQUENCES, wm.cfg.context + depth, rng, device)
+    return wm.calibrate_heads(real.frames, real.actions, *(rates or replay.base_rates()))
 
 
 class DeviceError(ValueError):
@@ -423,8 +437,7 @@ class DynaTrainer:
             for model in {self.wm, self.wm_act}:
                 model.set_base_rates(*rates)
             return {}
-        real = self.replay.sample(CALIBRATION_SEQUENCES, self.cfg.world_model.context + 1, self.rng, self.device)
-        self.wm_act.calibrate_heads(real.frames, real.actions, *rates)
+        calibrate_on_replay(self.wm_act, self.replay, self.rng, self.device, rates=rates)
         if self.dist is not None:
             self.wm_act.head_shifts.copy_(self.dist.mean(self.wm_act.head_shifts))
         # The slow copy imagines; the trained model's paid-reward metrics read the same shifts.

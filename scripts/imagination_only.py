@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_latest
-from agent.dyna import CALIBRATION_SEQUENCES, load_agent
+from agent.dyna import calibrate_on_replay, load_agent
 from agent.evaluate import evaluate
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -73,8 +73,7 @@ def main() -> None:
     wm.set_base_rates(*replay.base_rates())
     bayes = wm.head_shifts.tolist()
     if not a.bayes:
-        real = replay.sample(CALIBRATION_SEQUENCES, K + a.calibrate_depth, rng)
-        wm.calibrate_heads(real.frames, real.actions, *replay.base_rates())
+        calibrate_on_replay(wm, replay, rng, depth=a.calibrate_depth)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
     ppo_cfg = cfg.ppo if a.entropy is None else dataclasses.replace(cfg.ppo, entropy_coef=a.entropy)
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from agent.checkpoint import load_latest
-from agent.dyna import CALIBRATION_SEQUENCES, load_agent
+from agent.dyna import calibrate_on_replay, load_agent
 from envs.annotations import RAM_POSITIONS, annotated_rollout
 from envs.atari import _AtariPreprocessing
 from worldmodel.imagined_env import ImaginedEnv
@@ -118,8 +118,7 @@ def main() -> None:
     _, replay, _ = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
     wm.set_base_rates(*replay.base_rates())
     if not a.bayes:
-        real = replay.sample(CALIBRATION_SEQUENCES, cfg.world_model.context + a.calibrate_depth, rng)
-        wm.calibrate_heads(real.frames, real.actions, *replay.base_rates())
+        calibrate_on_replay(wm, replay, rng, depth=a.calibrate_depth)
     print(json.dumps({"head_shifts": [round(x, 3) for x in wm.head_shifts.tolist()], "bayes": a.bayes}), flush=True)
 
     # 1. The rule's aim, then the tracker cloned from it.

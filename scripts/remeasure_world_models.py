@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from agent.config import parse_config, preset
-from agent.dyna import CALIBRATION_SEQUENCES
+from agent.dyna import calibrate_on_replay
 from agent.replay import random_replay
 from agent.wm_report import replay_of, world_model_report
 from envs.annotations import annotated_rollout
@@ -55,10 +55,7 @@ def main() -> None:
                 train_data[env, check["data_steps"]] = random_replay(
                     env, check["data_steps"], 8, 0, np.random.default_rng(0)
                 )
-            buf = train_data[env, check["data_steps"]]
-            real = buf.sample(CALIBRATION_SEQUENCES, cfg.world_model.context + 1, np.random.default_rng(0))
-            wm.eval()
-            wm.calibrate_heads(real.frames, real.actions, *buf.base_rates())
+            calibrate_on_replay(wm, train_data[env, check["data_steps"]], np.random.default_rng(0))
         t0 = time.time()
         report = world_model_report(wm, replay_of(r), r.positions, r.ball_in_play, seed=0)
         (d / a.out).write_text(json.dumps(report, indent=1))
