@@ -46,7 +46,21 @@ from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
 
 CALIBRATION_SEQUENCES = 512
-"""Real windows drawn to fit the heads' shifts before every policy phase."""
+"""Uniformly drawn real windows behind each fit of the heads' shifts (before every policy phase)."""
+CALIBRATION_EVENTS = 128
+"""Extra windows ending in a reward, and as many ending in a lost life or game, per fit."""
+
+
+def stratum_weights(uniform_hit: torch.Tensor, events: int, rate: float) -> torch.Tensor:
+    """Weights ``[U + events]`` that turn ``U`` uniformly drawn windows (``uniform_hit [U]``: whether each
+    ends in the event) followed by ``events`` windows drawn among those ending in it into an average over
+    the replay, where ``rate`` of the windows end in the event: the event's windows share ``rate``, the
+    uniform ones that do not end in it share the rest, and the uniform ones that do get nothing (counting
+    them would make the estimate hang on how many of them the draw caught)."""
+    miss = (~uniform_hit).float()
+    w_event = torch.full((events,), rate / events if events else 0.0, device=miss.device)
+    w = torch.cat([miss * (1 - rate if events else 1.0) / miss.sum().clamp(min=1), w_event])
+    return w / w.sum()
 
 
 def calibrate_on_replay(
@@ -54,14 +68,33 @@ def calibrate_on_replay(
     replay: ReplayBuffer,
     rng: np.random.Generator,
     device: torch.device | str = "cpu",
-    depth: int = 1,
     rates: tuple[float, float] | None = None,
+    stratified: bool = True,
 ) -> dict[str, float]:
-    """:meth:`WorldModel.calibrate_heads` on :data:`CALIBRATION_SEQUENCES` uniformly drawn windows of
-    ``context + depth`` frames of ``replay``, to ``rates`` (default: the replay's own rewarded and ended
-    fractions)."""
-    real = replay.sample(CALIBRATION_SEQUENCES, wm.cfg.context + depth, rng, device)
-    return wm.calibrate_heads(real.frames, real.actions, *(rates or replay.base_rates()))
+    """:meth:`WorldModel.calibrate_heads` to ``rates`` (default: the replay's own rewarded and ended
+    fractions) on windows of ``context + 1`` frames: :data:`CALIBRATION_SEQUENCES` drawn uniformly and,
+    when ``stratified``, :data:`CALIBRATION_EVENTS` ending in a reward and as many ending in a lost life or
+    game, weighted back to the replay's rates (:func:`stratum_weights`). With rewards on <1% of Breakout's
+    steps a uniform draw of 512 holds ~4, and the unstratified fit swung by several units between draws."""
+    rewarded, ended = rates or replay.base_rates()
+    L = wm.cfg.context + 1
+    uniform = replay.sample(CALIBRATION_SEQUENCES, L, rng, device)
+    if not stratified:
+        return wm.calibrate_heads(uniform.frames, uniform.actions, rewarded, ended)
+    with_reward = replay.sample_ending_with("rewarded", CALIBRATION_EVENTS, L, rng, device)
+    with_end = replay.sample_ending_with("ended", CALIBRATION_EVENTS, L, rng, device)
+    n_rew = 0 if with_reward is None else CALIBRATION_EVENTS
+    n_end = 0 if with_end is None else CALIBRATION_EVENTS
+    parts = [b for b in (uniform, with_reward, with_end) if b is not None]
+    # Sequences in order [uniform, ending in a reward, ending in an end]; each head's average skips the
+    # other head's stratum.
+    w_rew = stratum_weights(uniform.rewards[:, -1] != 0, n_rew, rewarded)
+    w_rew = torch.cat([w_rew, w_rew.new_zeros(n_end)])
+    w_end = stratum_weights(uniform.terminated[:, -1] | uniform.life_loss[:, -1], n_end, ended)
+    w_end = torch.cat([w_end[:CALIBRATION_SEQUENCES], w_end.new_zeros(n_rew), w_end[CALIBRATION_SEQUENCES:]])
+    frames = torch.cat([b.frames for b in parts])
+    actions = torch.cat([b.actions for b in parts])
+    return wm.calibrate_heads(frames, actions, rewarded, ended, w_rew, w_end)
 
 
 class DeviceError(ValueError):

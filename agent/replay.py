@@ -163,8 +163,11 @@ class ReplayBuffer:
                 f"could not find {batch_size} sequences of {seq_len} frames inside single episodes; "
                 "episodes in the buffer may be shorter than the sequence length"
             )
-        idx = np.concatenate(chosen_idx)
-        envs = np.concatenate(chosen_env)[:, None]
+        return self._batch(np.concatenate(chosen_idx), np.concatenate(chosen_env), device)
+
+    def _batch(self, idx: np.ndarray, envs: np.ndarray, device: torch.device | str) -> Batch:
+        """The sequences at physical slots ``idx [B, L]`` of copies ``envs [B]``."""
+        envs = envs[:, None]
         tr = idx[:, :-1]
         batch = Batch(
             frames=torch.from_numpy(self.frames[idx, envs]),
@@ -175,6 +178,25 @@ class ReplayBuffer:
             truncated=torch.from_numpy(self.truncated[tr, envs]),
         )
         return batch.to(device)
+
+    def sample_ending_with(
+        self, kind: str, batch_size: int, seq_len: int, rng: np.random.Generator, device: torch.device | str = "cpu"
+    ) -> Batch | None:
+        """``batch_size`` sequences of ``seq_len`` frames from single episodes whose *last* transition is
+        ``rewarded`` or ``ended`` (drawn with replacement), or ``None`` when the buffer holds none."""
+        n = self.filled
+        logical = (np.arange(n)[:, None] - self._oldest()) % self.slots  # logical index of each slot
+        slot, env = np.nonzero(self._has_event(kind, np.arange(n)[:, None], np.arange(self.num_envs)[None]))
+        last = logical[slot, 0]
+        keep = (last >= seq_len - 2) & (last + 1 < n)
+        starts, envs = last[keep] - (seq_len - 2), env[keep]
+        _, ok = self._valid_windows(starts, envs, seq_len)
+        starts, envs = starts[ok], envs[ok]
+        if len(starts) == 0:
+            return None
+        pick = rng.integers(0, len(starts), size=batch_size)
+        idx, _ = self._valid_windows(starts[pick], envs[pick], seq_len)
+        return self._batch(idx, envs[pick], device)
 
     def save(self, directory: str | Path) -> None:
         """Write the buffer to ``directory`` (replaced atomically: a crash mid-write keeps the old copy)."""

@@ -59,7 +59,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baselines", action="store_true")
     p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
-    p.add_argument("--calibrate-depth", type=int, default=1, help="fit the shifts over this many imagined steps")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -73,7 +72,7 @@ def main() -> None:
     wm.set_base_rates(*replay.base_rates())
     bayes = wm.head_shifts.tolist()
     if not a.bayes:
-        calibrate_on_replay(wm, replay, rng, depth=a.calibrate_depth)
+        calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
     ppo_cfg = cfg.ppo if a.entropy is None else dataclasses.replace(cfg.ppo, entropy_coef=a.entropy)
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)

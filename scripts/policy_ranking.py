@@ -106,7 +106,6 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
-    p.add_argument("--calibrate-depth", type=int, default=1, help="fit the shifts over this many imagined steps")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -118,7 +117,7 @@ def main() -> None:
     _, replay, _ = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
     wm.set_base_rates(*replay.base_rates())
     if not a.bayes:
-        calibrate_on_replay(wm, replay, rng, depth=a.calibrate_depth)
+        calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": [round(x, 3) for x in wm.head_shifts.tolist()], "bayes": a.bayes}), flush=True)
 
     # 1. The rule's aim, then the tracker cloned from it.

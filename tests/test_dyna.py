@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from agent.config import preset
-from agent.dyna import DynaTrainer, load_agent
+from agent.dyna import DynaTrainer, calibrate_on_replay, load_agent, stratum_weights
 from agent.replay import random_replay
 from tests.helpers import train_quietly
+from worldmodel.world_model import WorldModel
 
 
 def short_run(run_dir: Path, seed: int) -> tuple[DynaTrainer, list[dict]]:
@@ -83,6 +86,32 @@ def test_head_batch_takes_head_rewarded_fraction_of_rewarded_transitions(tmp_pat
         train_quietly(trainer)
     assert seen[1.0] and min(seen[1.0]) == 1.0
     assert seen[0.5] and max(seen[0.5]) == 0.5
+
+
+def test_stratum_weights_average_like_the_replay() -> None:
+    """Uniform windows that miss the event share 1 - rate, the event's own stratum shares rate, and
+    uniform windows that caught the event count for nothing; with no event windows the misses share all."""
+    hit = torch.tensor([False, True, False, False])
+    w = stratum_weights(hit, 2, 0.1)
+    torch.testing.assert_close(w, torch.tensor([0.3, 0.0, 0.3, 0.3, 0.05, 0.05]))
+    torch.testing.assert_close(stratum_weights(hit, 0, 0.1), torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]))
+    # The weighted mean of a per-window quantity is the stratified estimate of its replay mean.
+    values = torch.tensor([0.0, 5.0, 1.0, 2.0, 10.0, 20.0])
+    assert float((w * values).sum()) == pytest.approx(0.9 * 1.0 + 0.1 * 15.0)
+
+
+def test_stratified_fit_without_rewards_is_the_uniform_fit() -> None:
+    """A replay with no reward has no reward stratum: the reward shift is fitted on the uniform windows
+    alone, as without stratification (the same draw comes first), while the ends still get theirs."""
+    cfg = preset("debug")
+    torch.manual_seed(0)
+    replay = random_replay("wm/Catch-v0", 800, cfg.num_envs, seed=0)
+    replay.rewards[:] = 0.0
+    wm = WorldModel(cfg.world_model, num_actions=3)
+    plain = calibrate_on_replay(wm, replay, np.random.default_rng(0), stratified=False)
+    strat = calibrate_on_replay(wm, replay, np.random.default_rng(0))
+    assert strat["reward_shift"] == pytest.approx(plain["reward_shift"], abs=1e-4)
+    assert np.isfinite(strat["cont_shift"])
 
 
 def test_policy_phase_fits_the_heads_shifts_or_keeps_bayes(tmp_path: Path) -> None:

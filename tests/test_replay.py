@@ -84,6 +84,22 @@ def test_ended_fraction_oversamples_life_losses_apart_from_rewards() -> None:
     assert torch.equal(a1.frames, a2.frames)
 
 
+def test_sample_ending_with_draws_windows_whose_last_transition_is_the_event() -> None:
+    buf = ReplayBuffer(capacity=3 * 60, num_envs=3)
+    scripted_fill(buf, 130, 3, episode_len=9)  # wrapped: only the last 60 steps remain
+    rng = np.random.default_rng(0)
+    b = buf.sample_ending_with("rewarded", 64, 4, rng)
+    assert b.frames.shape == (64, 4, 64, 64)
+    assert torch.all(b.rewards[:, -1] == 1.0) and not torch.any(b.rewards[:, :-1])
+    step = b.frames[:, :, 0, 0].long()
+    assert torch.all((step[:, 1:] - step[:, :-1]) % 256 == 1)  # contiguous, inside one episode
+    ends = buf.sample_ending_with("ended", 16, 2, rng)
+    assert torch.all(ends.terminated[:, -1])
+    buf.life_loss[:] = False
+    buf.terminated[:] = False
+    assert buf.sample_ending_with("ended", 4, 2, rng) is None
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     buf = ReplayBuffer(capacity=3 * 40, num_envs=3)
     scripted_fill(buf, 70, 3, episode_len=7)

@@ -220,6 +220,21 @@ def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -
     assert torch.equal(again.head_shifts, wm.head_shifts)
 
 
+def test_calibration_weights_pick_the_sequences_the_average_runs_over(catch_replay) -> None:
+    """Weights that put everything on one half of the sequences fit the shifts of that half alone."""
+    torch.manual_seed(0)
+    wm = WorldModel(small_cfg(), num_actions=3)
+    batch = catch_replay.sample(32, wm.cfg.context + 1, np.random.default_rng(1))
+    frames = batch.frames.clone()
+    frames[16:] = 255 - frames[16:]  # a second half the heads see differently
+    half = torch.cat([torch.full((16,), 1 / 16), torch.zeros(16)])
+    weighted = wm.calibrate_heads(frames, batch.actions, 0.05, 0.1, half, half)
+    alone = wm.calibrate_heads(frames[:16], batch.actions[:16], 0.05, 0.1)
+    assert weighted == pytest.approx(alone, abs=1e-4)
+    other = wm.calibrate_heads(frames[16:], batch.actions[16:], 0.05, 0.1)
+    assert other["cont_shift"] != pytest.approx(alone["cont_shift"], abs=1e-3)
+
+
 def test_checkpoints_with_base_rates_load_with_their_bayes_shifts() -> None:
     """World models saved before ``head_shifts`` kept the data's rates as ``base_rates``."""
     wm = WorldModel(small_cfg(), num_actions=3)

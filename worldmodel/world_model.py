@@ -309,14 +309,22 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def calibrate_heads(
-        self, frames: torch.Tensor, actions: torch.Tensor, rewarded: float, ended: float
+        self,
+        frames: torch.Tensor,
+        actions: torch.Tensor,
+        rewarded: float,
+        ended: float,
+        reward_weights: torch.Tensor | None = None,
+        end_weights: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Fit :attr:`head_shifts` so that imagination, run ``D`` steps from the first ``K`` frames of real
-        sequences under their real actions (uint8 ``frames [B, K + D, H, W]``, ``actions [B, K + D - 1]``,
-        drawn uniformly from replay), predicts a reward and an end as often, on average over the ``B * D``
-        steps, as the real data has them (fractions ``rewarded`` and ``ended``). On Breakout the Bayes
-        shift of :meth:`set_base_rates` paid ~1/9 of the real mean reward: the batches' negatives are
-        oversampled next to rewards, where they look like rewards. Returns the fitted shifts."""
+        sequences under their real actions (uint8 ``frames [B, K + D, H, W]``, ``actions [B, K + D - 1]``),
+        predicts a reward and an end as often, on average over the ``B * D`` steps, as the real data has
+        them (fractions ``rewarded`` and ``ended``). The average weighs sequence ``b`` by
+        ``reward_weights[b]`` / ``end_weights[b]`` (``[B]``, summing to 1; default equal: sequences drawn
+        uniformly). On Breakout the Bayes shift of :meth:`set_base_rates` paid ~1/9 of the real mean
+        reward: the batches' negatives are oversampled next to rewards, where they look like rewards.
+        Returns the fitted shifts."""
         K, was_training = self.cfg.context, self.training
         self.eval()  # the heads' input standardizer must not learn from these
         window = self.encode(frames[:, :K])  # (B, K, E)
@@ -328,14 +336,18 @@ class WorldModel(nn.Module):
             cont.append(c.float())
             window = torch.cat([window[:, 1:], z_next.to(window.dtype)], dim=1)
         self.train(was_training)
-        rew_logits, cont_logit = torch.cat(rew), torch.cat(cont)
+        rew_logits, cont_logit = torch.cat(rew), torch.cat(cont)  # (D * B, bins), (D * B,)
         zero = F.one_hot(torch.tensor(self.zero_bin), rew_logits.shape[-1]).to(rew_logits)
+        B, D = len(frames), len(rew)
+        equal = torch.full((B,), 1 / B, device=frames.device)
+        w_rew = (equal if reward_weights is None else reward_weights).float().repeat(D) / D
+        w_end = (equal if end_weights is None else end_weights).float().repeat(D) / D
 
         def p_reward(shift: torch.Tensor) -> torch.Tensor:
-            return 1 - (rew_logits + shift * zero).softmax(-1)[:, self.zero_bin].mean()
+            return 1 - ((rew_logits + shift * zero).softmax(-1)[:, self.zero_bin] * w_rew).sum()
 
         def p_end(shift: torch.Tensor) -> torch.Tensor:
-            return 1 - torch.sigmoid(cont_logit + shift).mean()
+            return 1 - (torch.sigmoid(cont_logit + shift) * w_end).sum()
 
         fitted = [fit_shift(p_reward, rewarded, decreasing=True), fit_shift(p_end, ended, decreasing=True)]
         self.head_shifts.copy_(torch.tensor(fitted))
