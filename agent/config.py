@@ -266,6 +266,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--steps must be positive, got {cfg.steps}")
     if cfg.num_envs <= 0:
         raise UsageError(f"--num-envs must be positive, got {cfg.num_envs}")
+    if cfg.ppo.critic_targets not in ("imagined", "real"):
+        raise UsageError(f"--ppo.critic-targets must be imagined or real, got {cfg.ppo.critic_targets!r}")
     if cfg.ppo.horizon <= 0:
         raise UsageError(f"--ppo.horizon must be positive, got {cfg.ppo.horizon}")
     if cfg.batch_size <= 0:

@@ -47,6 +47,8 @@ from worldmodel.world_model import WorldModel
 
 CALIBRATION_SEQUENCES = 512
 """Uniformly drawn real windows behind each fit of the heads' shifts (before every policy phase)."""
+REAL_VALUE_WINDOWS = 128
+"""Real replay windows per critic step when the critic learns from real returns (``ppo.critic_targets``)."""
 CALIBRATION_EVENTS = 128
 """Extra windows ending in a reward, and as many ending in a lost life or game, per fit."""
 
@@ -478,6 +480,19 @@ class DynaTrainer:
         shifts = self.wm_act.head_shifts
         return {"imagination/reward_shift": shifts[0].clone(), "imagination/cont_shift": shifts[1].clone()}
 
+    def real_value_update(self, returns: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+        """One critic step toward the real discounted returns of :data:`REAL_VALUE_WINDOWS` replay windows,
+        encoded by the acting model as the policy sees them (``ppo.critic_targets == "real"``)."""
+        real = self.replay.sample_with_returns(
+            REAL_VALUE_WINDOWS, self.cfg.policy.history, returns, self.rng, self.device
+        )
+        if not (self.ppo.agree(real is not None) if self.ppo.agree is not None else real is not None):
+            return {}  # under DDP every rank steps, or none
+        frames, targets = real
+        with torch.no_grad():
+            windows = self.wm_act.encode(frames)
+        return self.ppo.value_update(windows, targets)
+
     def imagination_starts(self) -> torch.Tensor:
         """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""
         if self.starts is not None and len(self.starts) >= self.cfg.ppo.num_starts:
@@ -578,10 +593,13 @@ class DynaTrainer:
                     t0 = time.perf_counter()
                     logger.add(self.calibrate_heads())
                     timings["imagination"] += time.perf_counter() - t0
+                    real_returns = self.replay.returns(cfg.ppo.gamma) if cfg.ppo.critic_targets == "real" else None
                 while c.policy_budget >= 1 and not self.poll_stop():
                     t0 = time.perf_counter()
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
                     t1 = time.perf_counter()
+                    if real_returns is not None:
+                        logger.add(self.real_value_update(real_returns))
                     logger.add(self.ppo.update(rollout))
                     if self.dist is not None:  # each rank scaled by its own rollouts; they keep one scale
                         self.ppo.return_scale = self.dist.mean(self.ppo.return_scale)

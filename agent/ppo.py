@@ -43,6 +43,10 @@ class PPOConfig:
     """Clip the actor-critic's global gradient norm to this value."""
     return_scale_decay: float = 0.99
     """EMA decay of the 5th-95th percentile range of returns that advantages are divided by."""
+    critic_targets: str = "imagined"
+    """What the critic learns from: ``imagined`` (the lambda-returns of the imagined rollouts) or ``real``
+    (the discounted returns of real replay windows, :meth:`PPO.value_update`; the advantages of imagined
+    steps are then bootstrapped by a critic that has seen how real lives end)."""
 
 
 @dataclass
@@ -120,6 +124,21 @@ class PPO:
             torch.stack(truncs),
         )
 
+    def value_update(self, windows: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One gradient step of the critic toward real discounted returns ``[B]`` of latent windows
+        ``[B, K, E]`` (``critic_targets == "real"``); skipped, on every rank, if not finite."""
+        self.policy.train()
+        _, v = self.train_policy(windows)
+        value_loss = F.mse_loss(v, symlog(returns))
+        loss = self.cfg.value_coef * value_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if self.agree(finite) if self.agree is not None else finite:
+            self.optimizer.step()
+        return {"policy/real_value_loss": value_loss.detach()}
+
     def update(self, ro: Rollout) -> dict[str, torch.Tensor]:
         """PPO epochs over one rollout; returns detached metrics."""
         cfg = self.cfg
@@ -157,7 +176,9 @@ class PPO:
                 pg = -(torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a) * w).mean()
                 vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
                 ent = (dist.entropy() * w).mean()
-                loss = pg + cfg.value_coef * vloss - cfg.entropy_coef * ent
+                loss = pg - cfg.entropy_coef * ent
+                if cfg.critic_targets == "imagined":  # else the critic learns in value_update only
+                    loss = loss + cfg.value_coef * vloss
                 # Backward even on a non-finite loss: under DDP every rank must join every gradient
                 # average; the non-finite norm that follows skips the step on all of them.
                 self.optimizer.zero_grad(set_to_none=True)

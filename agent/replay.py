@@ -198,6 +198,50 @@ class ReplayBuffer:
         idx, _ = self._valid_windows(starts[pick], envs[pick], seq_len)
         return self._batch(idx, envs[pick], device)
 
+    def returns(self, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+        """Discounted returns ``[S, N]`` (per slot: the reward of the action taken there plus the discounted
+        rewards after it, up to the end of that life or game), and whether each is complete ``[S, N]``
+        (its life ended within the buffer; the rest still grows with the steps to come). Truncation
+        counts as an end."""
+        n, oldest = self.filled, self._oldest()
+        order = (oldest + np.arange(n)) % self.slots  # physical slots, oldest first
+        ends = self.terminated | self.life_loss | self.truncated
+        G = np.zeros((self.slots, self.num_envs), np.float32)
+        complete = np.zeros((self.slots, self.num_envs), bool)
+        acc = np.zeros(self.num_envs, np.float32)
+        done = np.zeros(self.num_envs, bool)
+        for slot in order[::-1]:
+            end = ends[slot]
+            acc = self.rewards[slot] + gamma * np.where(end, 0.0, acc)
+            done = done | end
+            G[slot], complete[slot] = acc, done
+        return G, complete
+
+    def sample_with_returns(
+        self,
+        batch_size: int,
+        seq_len: int,
+        returns: tuple[np.ndarray, np.ndarray],
+        rng: np.random.Generator,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``batch_size`` uniformly drawn windows of ``seq_len`` frames from single episodes, uint8
+        ``[B, L, H, W]``, and the complete return (``returns``, from :meth:`returns`) at each window's last
+        frame ``[B]``; ``None`` when fewer than ``seq_len`` steps are stored or no window qualifies."""
+        G, complete = returns
+        if self.filled < seq_len:
+            return None
+        for _ in range(16):
+            starts = rng.integers(0, self.filled - seq_len + 1, size=4 * batch_size)
+            envs = rng.integers(0, self.num_envs, size=4 * batch_size)
+            idx, ok = self._valid_windows(starts, envs, seq_len)
+            ok &= complete[idx[:, -1], envs]
+            if ok.sum() >= batch_size:
+                idx, envs = idx[ok][:batch_size], envs[ok][:batch_size]
+                frames = torch.from_numpy(self.frames[idx, envs[:, None]]).to(device)
+                return frames, torch.from_numpy(G[idx[:, -1], envs]).to(device)
+        return None
+
     def save(self, directory: str | Path) -> None:
         """Write the buffer to ``directory`` (replaced atomically: a crash mid-write keeps the old copy)."""
         directory = Path(directory)

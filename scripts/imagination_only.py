@@ -7,6 +7,10 @@ no model (uniform random, each action alone, and FIRE or a move at random) on th
 habit that any fixed rule would find is not taken for learning.
 
     python -m scripts.imagination_only runs/RUN --updates 400 --episodes 16 --entropy 3e-4 --baselines
+    python -m scripts.imagination_only runs/RUN --critic-targets real --horizon 5
+
+With ``--critic-targets real`` the critic learns from the replay's real discounted returns, one step of
+128 windows per update (as the Dyna loop does with ``--ppo.critic-targets real``), not from imagination.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_latest
-from agent.dyna import calibrate_on_replay, load_agent
+from agent.dyna import REAL_VALUE_WINDOWS, calibrate_on_replay, load_agent
 from agent.evaluate import evaluate
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -55,6 +59,8 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=400)
     p.add_argument("--entropy", type=float, default=None, help="PPO entropy coefficient (default: the run's)")
     p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--horizon", type=int, default=None, help="imagined steps per rollout (default: the run's)")
+    p.add_argument("--critic-targets", choices=("imagined", "real"), default=None, help="default: the run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baselines", action="store_true")
@@ -74,7 +80,9 @@ def main() -> None:
     if not a.bayes:
         calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
-    ppo_cfg = cfg.ppo if a.entropy is None else dataclasses.replace(cfg.ppo, entropy_coef=a.entropy)
+    changes = {"entropy_coef": a.entropy, "horizon": a.horizon, "critic_targets": a.critic_targets}
+    ppo_cfg = dataclasses.replace(cfg.ppo, **{k: v for k, v in changes.items() if v is not None})
+    returns = replay.returns(ppo_cfg.gamma) if ppo_cfg.critic_targets == "real" else None
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)
     ppo = PPO(policy, ppo_cfg)
     imagined = ImaginedEnv(wm, ppo_cfg.horizon)
@@ -85,11 +93,28 @@ def main() -> None:
         return float(np.mean(evaluate(wm, policy, cfg.env, a.episodes, seed=eval_seed, device=device)))
 
     t0 = time.time()
-    print(json.dumps({"checkpoint": str(ckpt), "entropy_coef": ppo_cfg.entropy_coef, "score_before": real_score()}))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt),
+                "entropy_coef": ppo_cfg.entropy_coef,
+                "horizon": ppo_cfg.horizon,
+                "critic_targets": ppo_cfg.critic_targets,
+                "score_before": real_score(),
+            }
+        )
+    )
     window: list[dict[str, float]] = []
     for u in range(1, a.updates + 1):
         starts = replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K]
-        m = ppo.update(ppo.rollout(imagined, starts))
+        rollout = ppo.rollout(imagined, starts)
+        if returns is not None:
+            real = replay.sample_with_returns(REAL_VALUE_WINDOWS, cfg.policy.history, returns, rng, device)
+            if real is not None:
+                with torch.no_grad():
+                    windows = wm.encode(real[0])
+                ppo.value_update(windows, real[1])
+        m = ppo.update(rollout)
         keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")
         window.append({k.split("/")[1]: float(m[k]) for k in keys})
         if u % 100 == 0:

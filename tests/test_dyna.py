@@ -114,6 +114,25 @@ def test_stratified_fit_without_rewards_is_the_uniform_fit() -> None:
     assert np.isfinite(strat["cont_shift"])
 
 
+def test_critic_learns_from_real_returns_when_asked(tmp_path: Path) -> None:
+    """With ``ppo.critic_targets real`` the critic's steps on real windows move its values toward their
+    real returns and leave the actor alone; PPO's own update then leaves the critic alone."""
+    cfg = preset("debug")
+    cfg.env, cfg.threads, cfg.ppo.critic_targets = "wm/Catch-v0", 1, "real"
+    trainer = DynaTrainer(cfg, tmp_path / "real")
+    trainer.replay = random_replay(cfg.env, 800, cfg.num_envs, seed=0)
+    returns = trainer.replay.returns(cfg.ppo.gamma)
+    actor = [p.detach().clone() for p in trainer.policy.actor.parameters()]
+    losses = [float(trainer.real_value_update(returns)["policy/real_value_loss"]) for _ in range(60)]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])  # 0.54 measured; ~1 if nothing learned
+    for before, p in zip(actor, trainer.policy.actor.parameters(), strict=True):
+        assert torch.equal(before, p)
+    critic = [p.detach().clone() for p in trainer.policy.critic.parameters()]
+    trainer.ppo.update(trainer.ppo.rollout(trainer.imagined, trainer.imagination_starts()))
+    for before, p in zip(critic, trainer.policy.critic.parameters(), strict=True):
+        assert torch.equal(before, p)
+
+
 def test_policy_phase_fits_the_heads_shifts_or_keeps_bayes(tmp_path: Path) -> None:
     """Before imagining, the loop fits the acting model's shifts to the replay's rates (logged), and
     copies them to the trained model; with ``fit_head_shifts`` off both take the rates' log-odds."""

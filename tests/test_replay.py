@@ -100,6 +100,40 @@ def test_sample_ending_with_draws_windows_whose_last_transition_is_the_event() -
     assert buf.sample_ending_with("ended", 4, 2, rng) is None
 
 
+def test_returns_discount_rewards_to_the_end_of_each_life() -> None:
+    """Rewards sit on terminal transitions: the return k steps before one is gamma^k; a life lost on an
+    unrewarded step cuts the sum; steps whose life has not ended yet are incomplete. Also after wrap-around."""
+    gamma = 0.9
+    for steps in (40, 130):
+        buf = ReplayBuffer(capacity=2 * 60, num_envs=2)
+        scripted_fill(buf, steps, 2, episode_len=9)  # copy 0 ends every 11 steps, copy 1 every 12
+        G, complete = buf.returns(gamma)
+        for slot in range(buf.filled):
+            for e in range(2):
+                ahead = [(slot - buf._oldest()) % buf.slots + k for k in range(buf.filled)]
+                later = [(buf._oldest() + t) % buf.slots for t in ahead if t < buf.filled]
+                ends = [i for i, s in enumerate(later) if buf.terminated[s, e]]
+                if ends:
+                    assert complete[slot, e] and G[slot, e] == pytest.approx(gamma ** ends[0])
+                else:
+                    assert not complete[slot, e]
+    buf.life_loss[buf.pos - 3, 0] = True  # a life lost two steps before the newest step
+    G, complete = buf.returns(gamma)
+    assert complete[buf.pos - 3, 0] and G[buf.pos - 3, 0] == 0.0 and not complete[buf.pos - 2, 0]
+
+
+def test_sample_with_returns_pairs_each_window_with_its_last_frames_return() -> None:
+    buf = ReplayBuffer(capacity=3 * 80, num_envs=3)
+    scripted_fill(buf, 80, 3, episode_len=12)
+    returns = buf.returns(0.9)
+    frames, G = buf.sample_with_returns(64, 3, returns, np.random.default_rng(0))
+    assert frames.shape == (64, 3, 64, 64) and G.shape == (64,)
+    step, env = frames[:, -1, 0, 0].long().numpy(), frames[:, -1, 0, 1].long().numpy()
+    np.testing.assert_allclose(G.numpy(), returns[0][step, env])  # no wrap: slot == step
+    assert returns[1][step, env].all()
+    assert ReplayBuffer(capacity=40, num_envs=2).sample_with_returns(4, 3, returns, np.random.default_rng(0)) is None
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     buf = ReplayBuffer(capacity=3 * 40, num_envs=3)
     scripted_fill(buf, 70, 3, episode_len=7)
