@@ -99,6 +99,26 @@ def calibrate_on_replay(
     return wm.calibrate_heads(frames, actions, rewarded, ended, w_rew, w_end)
 
 
+def real_value_step(
+    ppo: PPO,
+    wm: WorldModel,
+    replay: ReplayBuffer,
+    returns: tuple[np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """One critic step toward the real discounted returns (``returns``, from :meth:`ReplayBuffer.returns`)
+    of :data:`REAL_VALUE_WINDOWS` replay windows, encoded by ``wm`` as the policy sees them
+    (``ppo.critic_targets == "real"``); nothing when no window qualifies (under DDP: on any rank)."""
+    real = replay.sample_with_returns(REAL_VALUE_WINDOWS, ppo.policy.cfg.history, returns, rng, device)
+    if not (ppo.agree(real is not None) if ppo.agree is not None else real is not None):
+        return {}
+    frames, targets = real
+    with torch.no_grad():
+        windows = wm.encode(frames)
+    return ppo.value_update(windows, targets)
+
+
 class DeviceError(ValueError):
     """The requested device is not available."""
 
@@ -481,17 +501,8 @@ class DynaTrainer:
         return {"imagination/reward_shift": shifts[0].clone(), "imagination/cont_shift": shifts[1].clone()}
 
     def real_value_update(self, returns: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
-        """One critic step toward the real discounted returns of :data:`REAL_VALUE_WINDOWS` replay windows,
-        encoded by the acting model as the policy sees them (``ppo.critic_targets == "real"``)."""
-        real = self.replay.sample_with_returns(
-            REAL_VALUE_WINDOWS, self.cfg.policy.history, returns, self.rng, self.device
-        )
-        if not (self.ppo.agree(real is not None) if self.ppo.agree is not None else real is not None):
-            return {}  # under DDP every rank steps, or none
-        frames, targets = real
-        with torch.no_grad():
-            windows = self.wm_act.encode(frames)
-        return self.ppo.value_update(windows, targets)
+        """:func:`real_value_step` on this run's replay, with the acting model's latents."""
+        return real_value_step(self.ppo, self.wm_act, self.replay, returns, self.rng, self.device)
 
     def imagination_starts(self) -> torch.Tensor:
         """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""

@@ -189,14 +189,13 @@ class ReplayBuffer:
         slot, env = np.nonzero(self._has_event(kind, np.arange(n)[:, None], np.arange(self.num_envs)[None]))
         last = logical[slot, 0]
         keep = (last >= seq_len - 2) & (last + 1 < n)
-        starts, envs = last[keep] - (seq_len - 2), env[keep]
-        _, ok = self._valid_windows(starts, envs, seq_len)
-        starts, envs = starts[ok], envs[ok]
-        if len(starts) == 0:
+        envs = env[keep]
+        idx, ok = self._valid_windows(last[keep] - (seq_len - 2), envs, seq_len)
+        idx, envs = idx[ok], envs[ok]
+        if len(idx) == 0:
             return None
-        pick = rng.integers(0, len(starts), size=batch_size)
-        idx, _ = self._valid_windows(starts[pick], envs[pick], seq_len)
-        return self._batch(idx, envs[pick], device)
+        pick = rng.integers(0, len(idx), size=batch_size)
+        return self._batch(idx[pick], envs[pick], device)
 
     def returns(self, gamma: float) -> tuple[np.ndarray, np.ndarray]:
         """Discounted returns ``[S, N]`` (per slot: the reward of the action taken there plus the discounted
@@ -238,7 +237,7 @@ class ReplayBuffer:
             ok &= complete[idx[:, -1], envs]
             if ok.sum() >= batch_size:
                 idx, envs = idx[ok][:batch_size], envs[ok][:batch_size]
-                frames = torch.from_numpy(self.frames[idx, envs[:, None]]).to(device)
+                frames = self._batch(idx, envs, device).frames
                 return frames, torch.from_numpy(G[idx[:, -1], envs]).to(device)
         return None
 

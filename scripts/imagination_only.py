@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_latest
-from agent.dyna import REAL_VALUE_WINDOWS, calibrate_on_replay, load_agent
+from agent.dyna import calibrate_on_replay, load_agent, real_value_step
 from agent.evaluate import evaluate
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -109,11 +109,7 @@ def main() -> None:
         starts = replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K]
         rollout = ppo.rollout(imagined, starts)
         if returns is not None:
-            real = replay.sample_with_returns(REAL_VALUE_WINDOWS, cfg.policy.history, returns, rng, device)
-            if real is not None:
-                with torch.no_grad():
-                    windows = wm.encode(real[0])
-                ppo.value_update(windows, real[1])
+            real_value_step(ppo, wm, replay, returns, rng, device)
         m = ppo.update(rollout)
         keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")
         window.append({k.split("/")[1]: float(m[k]) for k in keys})
