@@ -4,6 +4,10 @@ Per seed, both agents train for the same number of env steps on ``envs.make_env`
 then scored over the same number of full evaluation episodes. Reported: the mean score per seed and
 its ratio, the env steps each needed for its last-100-episode mean to reach ``--threshold``, and a
 PNG of both learning curves.
+
+With ``--runs RUN_DIR ...`` the wm-agent side is runs already trained by ``wm-agent train`` (long runs,
+stopped and resumed): each is scored from its newest checkpoint, and SB3 PPO trains on that run's env,
+seed and env steps.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from agent.checkpoint import CheckpointError
 from agent.config import PRESETS, preset, to_dict
-from agent.dyna import DynaTrainer
+from agent.dyna import DynaTrainer, LoadedAgent, load_agent, resolve_device
 from agent.evaluate import evaluate
 from agent.logger import RunLogger
 from agent.machine import machine_info
@@ -76,6 +81,30 @@ def run_wm_agent(args: argparse.Namespace, seed: int, out: Path, console: Consol
     }
 
 
+def run_from_checkpoint(run_dir: Path, loaded: LoadedAgent, episodes: int) -> dict:
+    """A run trained by ``wm-agent train``, scored like :func:`run_wm_agent` scores its own."""
+    scores = evaluate(
+        loaded.wm,
+        loaded.policy,
+        loaded.cfg.env,
+        episodes,
+        10_000 + loaded.cfg.seed,
+        next(loaded.wm.parameters()).device,
+        sticky_actions=loaded.cfg.sticky_actions,
+    )
+    steps, means = rolling_curve(loaded.episode_end_steps, loaded.episode_returns)
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": str(loaded.checkpoint),
+        "env_steps": loaded.env_steps,
+        "train_seconds": loaded.train_seconds,
+        "eval_returns": scores,
+        "eval_mean": float(np.mean(scores)),
+        "curve_steps": steps,
+        "curve_last100": means,
+    }
+
+
 def run_sb3(args: argparse.Namespace, seed: int) -> dict:
     from agent.baseline import evaluate_ppo, train_ppo
 
@@ -124,30 +153,77 @@ def plot_curves(
     plt.close(fig)
 
 
+def _round_to_rollouts(steps: int) -> int:
+    """SB3's PPO collects whole rollouts of 8 envs x 128 steps: the budget both agents get."""
+    rollout = 8 * 128
+    return -(-steps // rollout) * rollout
+
+
+def _load_runs(paths: list[str], device_name: str, console: Console) -> list[tuple[Path, LoadedAgent]] | str:
+    """The trained runs of ``--runs`` (one env), or a one-line reason they cannot be compared."""
+    runs = []
+    for p in paths:
+        run_dir = Path(p)
+        if not (run_dir / "config.json").is_file():
+            return f"{run_dir} is not a wm-agent run directory (no config.json)"
+        try:
+            loaded = load_agent(run_dir, resolve_device(device_name), warn=console.print)
+        except (CheckpointError, RuntimeError, KeyError, ValueError, OSError) as e:
+            return f"cannot load {run_dir}: {str(e).splitlines()[0]}"
+        runs.append((run_dir, loaded))
+    envs = sorted({loaded.cfg.env for _, loaded in runs})
+    if len(envs) > 1:
+        return f"--runs must all be on one env, got {', '.join(envs)}"
+    return runs
+
+
 def learn_main(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     if args.steps <= 0 or args.seeds <= 0 or args.episodes <= 0:
         console.print("[bold red]error:[/] --steps, --seeds and --episodes must be positive")
         return 2
-    # SB3's PPO collects whole rollouts of 8 envs x 128 steps: give both agents the same whole number.
-    rollout = 8 * 128
-    if args.steps % rollout:
-        args.steps = (args.steps // rollout + 1) * rollout
-        console.print(f"budget rounded up to {args.steps} env steps (whole SB3 PPO rollouts of {rollout})")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    runs: list[tuple[Path, LoadedAgent]] = []
+    if args.runs:
+        loaded_runs = _load_runs(args.runs, args.device, console)
+        if isinstance(loaded_runs, str):
+            console.print(f"[bold red]error:[/] {loaded_runs}")
+            return 2
+        runs = loaded_runs
+        args.env = runs[0][1].cfg.env
+        args.steps = max(loaded.env_steps for _, loaded in runs)
+        args.preset = "trained runs"
+    elif args.steps != _round_to_rollouts(args.steps):
+        args.steps = _round_to_rollouts(args.steps)
+        console.print(f"budget rounded up to {args.steps} env steps (whole SB3 PPO rollouts of 8 x 128)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"bench_learn_{args.env.replace('/', '_')}_{stamp}"
     if (out / "learn.json").exists():
         console.print(f"[bold red]error:[/] {out} already holds results; choose another --out")
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if runs:
+        jobs = [(loaded.cfg.seed, run_dir, loaded) for run_dir, loaded in runs]
+    else:
+        jobs = [(seed, None, None) for seed in range(args.seed, args.seed + args.seeds)]
     results = []
-    for seed in range(args.seed, args.seed + args.seeds):
-        console.print(f"seed {seed}: wm-agent ({args.preset} preset), {args.steps} env steps on {args.env}")
-        wm = run_wm_agent(args, seed, out, console)
-        console.print(f"seed {seed}: stable-baselines3 PPO, {args.steps} env steps")
-        sb3 = run_sb3(args, seed)
+    for seed, run_dir, loaded in jobs:
+        if loaded is None:
+            console.print(f"seed {seed}: wm-agent ({args.preset} preset), {args.steps} env steps on {args.env}")
+            wm = run_wm_agent(args, seed, out, console)
+            sb3_steps = args.steps
+        else:
+            stopped = "" if loaded.env_steps >= loaded.cfg.steps else f", stopped early of {loaded.cfg.steps}"
+            console.print(
+                f"seed {seed}: {run_dir} ({loaded.env_steps} env steps trained{stopped}): "
+                f"{args.episodes} evaluation episodes",
+                highlight=False,
+            )
+            wm = run_from_checkpoint(run_dir, loaded, args.episodes)
+            sb3_steps = _round_to_rollouts(loaded.env_steps)
+        console.print(f"seed {seed}: stable-baselines3 PPO, {sb3_steps} env steps")
+        sb3 = run_sb3(argparse.Namespace(**{**vars(args), "steps": sb3_steps}), seed)
         row = {"seed": seed, "wm_agent": wm, "sb3_ppo": sb3}
         if args.threshold is not None:
             for agent in (wm, sb3):
@@ -158,7 +234,9 @@ def learn_main(args: argparse.Namespace) -> int:
         (out / "learn.json").write_text(json.dumps(_summary(args, results), indent=2))
     summary = _summary(args, results)
     (out / "learn.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(results, out / "learn.png", f"{args.env}, {args.steps} env steps, {args.seeds} seed(s)", args.threshold)
+    plot_curves(
+        results, out / "learn.png", f"{args.env}, {args.steps} env steps, {len(results)} seed(s)", args.threshold
+    )
 
     table = Table(title=f"bench learn: {args.env}, {args.steps} env steps, {args.episodes} eval episodes per seed")
     cols = ["seed", "wm-agent score", "SB3 PPO score", "ratio", "wm-agent train min", "SB3 train min"]
@@ -173,7 +251,7 @@ def learn_main(args: argparse.Namespace) -> int:
             f"{w['eval_mean']:.2f}",
             f"{b['eval_mean']:.2f}",
             _ratio(w["eval_mean"], b["eval_mean"]),
-            f"{w['train_seconds'] / 60:.1f}",
+            "-" if w["train_seconds"] is None else f"{w['train_seconds'] / 60:.1f}",
             f"{b['train_seconds'] / 60:.1f}",
         ]
         if args.threshold is not None:
@@ -190,7 +268,6 @@ def _ratio(a: float, b: float) -> str:
 
 
 def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
-
     w = [r["wm_agent"]["eval_mean"] for r in results]
     b = [r["sb3_ppo"]["eval_mean"] for r in results]
     return {
@@ -220,3 +297,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output directory (default runs/bench_learn_<env>_<date>-<time>)")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="score these `wm-agent train` runs instead of training wm-agent; SB3 PPO trains on each run's "
+        "env, seed and env steps (--env, --steps, --seeds, --seed and --preset are then unused)",
+    )

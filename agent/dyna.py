@@ -10,7 +10,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +142,8 @@ class Counters:
     """World-model updates owed (kept across a stop, so a resumed run does the same number)."""
     policy_budget: float = 0.0
     pretrain_done: bool = False
+    train_seconds: float = 0.0
+    """Wall time spent in ``train`` up to the last checkpoint, summed over every stop and resume."""
 
 
 class NonFiniteError(RuntimeError):
@@ -551,7 +553,7 @@ class DynaTrainer:
         next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every if cfg.checkpoint_every else None
         next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every if cfg.image_every else None
         timings = {"collect": 0.0, "world_model": 0.0, "imagination": 0.0, "policy": 0.0}
-        t_start = time.perf_counter()
+        t_start, seconds_before = time.perf_counter(), c.train_seconds
         while c.env_steps < cfg.steps and not self.poll_stop():
             t0 = time.perf_counter()
             steps_this_iter = 0
@@ -642,10 +644,12 @@ class DynaTrainer:
                 next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
             healthy = self.wm_trainer.consecutive_skipped == 0 and self.ppo.consecutive_skipped == 0
             if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stopping and healthy:
+                c.train_seconds = seconds_before + time.perf_counter() - t_start
                 self.save_checkpoint()
                 next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         self.sync_episodes()
         already = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{c.env_steps:010d}"
+        c.train_seconds = seconds_before + time.perf_counter() - t_start
         if final_checkpoint and not already:
             self.save_checkpoint()
         self.env.close()
@@ -656,6 +660,7 @@ class DynaTrainer:
             "return_last100": float(np.mean(self.episode_returns[-100:])) if self.episode_returns else float("nan"),
             **{f"time_{k}_s": v for k, v in timings.items()},
             "time_other_s": time.perf_counter() - t_start - sum(timings.values()),
+            "train_seconds_total": c.train_seconds,
         }
 
 
@@ -672,6 +677,11 @@ class LoadedAgent:
     policy: ActorCritic
     env_steps: int
     checkpoint: Path
+    episode_returns: list[float] = field(default_factory=list)
+    episode_end_steps: list[int] = field(default_factory=list)
+    """Env steps when each training episode in ``episode_returns`` ended (empty in old checkpoints)."""
+    train_seconds: float | None = None
+    """Training wall time over every stretch of the run; None where the checkpoint predates it."""
 
 
 def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = print) -> LoadedAgent:
@@ -691,4 +701,14 @@ def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = p
     policy.load_state_dict(state["policy"])
     wm.eval()
     policy.eval()
-    return LoadedAgent(cfg, wm, policy, int(state["counters"]["env_steps"]), ckpt)
+    counters = state["counters"]
+    return LoadedAgent(
+        cfg,
+        wm,
+        policy,
+        int(counters["env_steps"]),
+        ckpt,
+        state["episode_returns"].tolist(),
+        state["episode_end_steps"].tolist() if "episode_end_steps" in state else [],
+        counters.get("train_seconds"),
+    )

@@ -194,6 +194,20 @@ def test_bench_learn_writes_both_agents(tmp_path: Path) -> None:
         assert len(a["curve_steps"]) == len(a["curve_last100"]) > 0 and "steps_to_threshold" in a
     assert (tmp_path / "learn.png").stat().st_size > 0
 
+    # --runs: the run just trained is scored from its checkpoint; SB3 trains on its env, seed and steps.
+    trained = res["seeds"][0]["wm_agent"]
+    again = tmp_path / "again"
+    out = run("bench", "learn", "--runs", trained["run_dir"], "--episodes", "2", "--threads", "1", "--out", str(again))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res2 = json.loads((again / "learn.json").read_text())
+    assert res2["env_id"] == "wm/Catch-v0" and res2["steps"] == 1024 and res2["seeds"][0]["seed"] == 0
+    w, b = res2["seeds"][0]["wm_agent"], res2["seeds"][0]["sb3_ppo"]
+    assert w["env_steps"] == b["env_steps"] == 1024 and len(w["eval_returns"]) == 2
+    assert w["curve_last100"] == trained["curve_last100"] and w["checkpoint"].endswith("step_0000001024/state.pt")
+    assert 0 < w["train_seconds"] <= trained["train_seconds"]
+    bad = run("bench", "learn", "--runs", str(tmp_path / "nothing"), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "not a wm-agent run directory" in bad.stdout and "Traceback" not in bad.stderr
+
 
 def test_bench_world_model_takes_config_overrides(tmp_path: Path) -> None:
     common = ["bench", "world-model", "--env", "wm/Catch-v0", "--preset", "debug", "--device", "cpu", "--threads", "1"]

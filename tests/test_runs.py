@@ -35,9 +35,13 @@ def test_train_resume_eval_watch(tmp_path: Path) -> None:
     assert "world_model/next_frame_real_vs_predicted" in acc.Tags()["images"]
     assert [e.step for e in acc.Scalars("charts/replay_size")][-1] == 300
 
+    seconds_at_300 = json.loads((run_dir / "summary.json").read_text())["train_seconds_total"]
     res = run("train", "--resume", str(run_dir), "--steps", "400")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed at step 300" in res.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stretch = sum(v for k, v in summary.items() if k.startswith("time_"))  # this stretch, end to end
+    assert 0 < seconds_at_300 < summary["train_seconds_total"] <= seconds_at_300 + stretch  # summed over stretches
     rows = metrics(run_dir)
     after = [r for r in rows if r["step"] > 300]
     assert after and after[0]["step"] == 400  # the counter went on from 300, not from 0
