@@ -24,9 +24,10 @@ from agent.machine import machine_info
 from agent.policy import ActorCritic
 from agent.ppo import PPO
 from agent.replay import ReplayBuffer, random_replay
-from agent.wm_report import replay_of, world_model_report
+from agent.wm_report import PADDLE_DEPTHS, paddle_saves, replay_of, tracker_runs, world_model_report
 from envs import make_env
 from envs.annotations import annotated_rollout, has_annotations
+from envs.ram_players import has_tracker
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
@@ -406,6 +407,11 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
     result.update(world_model_report(wm, test_buf, positions, in_play, seed=args.seed))
     result["test_steps"] = args.test_steps
     result["report_seconds"] = time.time() - t1
+    if args.paddle_starts > 0 and has_tracker(args.env):
+        t1 = time.time()
+        runs = tracker_runs(args.env, args.paddle_starts, max(PADDLE_DEPTHS), cfg.world_model.context, args.seed + 7)
+        result["paddle_saves"] = paddle_saves(wm, runs)
+        result["paddle_saves"]["seconds"] = time.time() - t1
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"world_model": wm.state_dict(), "num_actions": wm.num_actions}, out_dir / "world_model.pt")
@@ -440,8 +446,28 @@ def world_model_check(args: argparse.Namespace, device: torch.device) -> int:
         table.add_row(key, f"{result[key]:.5f}")
     console.print(table)
     console.print(report_table(result))
+    if "paddle_saves" in result:
+        console.print(paddle_table(result["paddle_saves"]))
     console.print(f"written to {out_dir / 'world_model_check.json'} and {out_dir / 'world_model_check.png'}")
     return 0
+
+
+def paddle_table(ps: dict) -> Table:
+    """Life lost from falling-ball starts, real and imagined, by a paddle that meets the ball and one
+    that runs away (see :func:`agent.wm_report.paddle_saves`)."""
+    table = Table(title=f"does imagination know the paddle saves the ball? ({ps['starts']} falling-ball starts)")
+    table.add_column("life lost within")
+    for d in ps["pair_gap"]:
+        table.add_column(f"{d} steps", justify="right")
+    for who in ("tracker", "mirror"):
+        table.add_row(
+            f"{who}: real / imagined",
+            *(f"{ps[f'real_lost_{who}'][d]:.2f} / {ps[f'imagined_lost_{who}'][d]:.2f}" for d in ps["pair_gap"]),
+        )
+    table.add_row(
+        "pair gap (1 = perfect, 0 = blind)", *(f"{g:.2f} ({ps['pairs'][d]})" for d, g in ps["pair_gap"].items())
+    )
+    return table
 
 
 def report_table(result: dict) -> Table:
@@ -502,6 +528,9 @@ def bench_main(argv: list[str], device_of) -> int:
     w.add_argument("--data-steps", type=int, default=20_000, help="random-policy env steps to train on")
     w.add_argument("--test-steps", type=int, default=10_000, help="held-out random-policy env steps the measures read")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--paddle-starts", type=int, default=200, help="Breakout: falling-ball starts of paddle_saves (0 skips it)"
+    )
     w.add_argument("--device", default="auto")
     w.add_argument("--threads", type=int, default=0)
     w.add_argument("--out-dir", default="runs/world_model_check")

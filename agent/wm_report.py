@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from agent.replay import ReplayBuffer
-from envs.annotations import POSITION_NAMES, AnnotatedRollout
+from envs.annotations import POSITION_NAMES, AnnotatedRollout, ball_in_play
+from envs.ram_players import breakout_tracker, emulator_copy, ram_positions
 from worldmodel.world_model import WorldModel
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -227,3 +228,136 @@ def world_model_report(
             for key in (f"{name}_r2", f"hold_last_{name}_r2"):
                 report["open_loop"][key] = {d: m[key] for d, m in measures.items()}
     return report
+
+
+PADDLE_DEPTHS = (10, 14, 18)
+
+
+@dataclass
+class FallingBall:
+    """Breakout states of random play with the ball falling toward the paddle: the emulator states and
+    the ``K`` frames seen up to each ``[n, K, 64, 64]``."""
+
+    states: list
+    context: np.ndarray
+
+
+def falling_ball_starts(env_id: str, n: int, K: int, seed: int) -> FallingBall:
+    """``n`` states of random play (8 copies) where the ball is in play, falling, at RAM y 120-175."""
+    rng = np.random.default_rng(seed)
+    copies = [emulator_copy(env_id, seed + i) for i in range(8)]
+    history: list[list[np.ndarray]] = [[] for _ in copies]
+    prev_y = np.zeros(len(copies))
+    states, context = [], []
+    while len(states) < n:
+        for i, env in enumerate(copies):
+            obs, _, term, trunc, _ = env.step(int(rng.integers(0, env.action_space.n)))
+            if term or trunc:
+                obs, _ = env.reset()
+                history[i] = []
+            history[i] = (history[i] + [obs])[-K:]
+            pos = ram_positions(env, env_id)
+            falling = ball_in_play(pos, env_id) and pos[2] > prev_y[i] and 120 <= pos[2] <= 175
+            if len(history[i]) == K and falling and rng.random() < 0.5 and len(states) < n:
+                states.append(env.unwrapped.ale.cloneState())
+                context.append(np.stack(history[i]))
+            prev_y[i] = pos[2]
+    for env in copies:
+        env.close()
+    return FallingBall(states, np.stack(context))
+
+
+def play_tracker(env_id: str, starts: FallingBall, horizon: int, mirror: bool) -> tuple[np.ndarray, ...]:
+    """The RAM tracker (or its mirror) for ``horizon`` steps from every start: actions ``[n, H]``, the
+    step at which the first life is lost (``H + 1`` if none) ``[n]``, the frames seen ``[n, H, 64, 64]``."""
+    n, H = len(starts.states), horizon
+    env = emulator_copy(env_id, 0)
+    actions = np.zeros((n, H), np.int64)
+    lost_at = np.full(n, H + 1)
+    seen = np.zeros((n, H, *starts.context.shape[2:]), np.uint8)
+    for b, state in enumerate(starts.states):
+        env.unwrapped.ale.restoreState(state)
+        lives = env.unwrapped.ale.lives()
+        for t in range(H):
+            actions[b, t] = breakout_tracker(ram_positions(env, env_id), mirror=mirror)
+            seen[b, t], _, term, _, _ = env.step(int(actions[b, t]))
+            if lost_at[b] > H and (term or env.unwrapped.ale.lives() < lives):
+                lost_at[b] = t + 1
+    env.close()
+    return actions, lost_at, seen
+
+
+@torch.no_grad()
+def imagined_life_lost(
+    wm: WorldModel, context: np.ndarray, seen: np.ndarray, actions: np.ndarray, mode: str = "open_loop"
+) -> np.ndarray:
+    """``[n, H]``: one minus the product of the calibrated continue probabilities up to each step, from
+    real context ``[n, K, 64, 64]`` under ``actions [n, H]``. ``mode``: ``open_loop`` (the predictor fed
+    its own outputs, as imagination runs), ``one_step`` (each step predicted from the real frames
+    ``seen [n, H, 64, 64]`` before it) or ``real_pairs`` (the heads on the encoder's latents of them)."""
+    K = wm.cfg.context
+    device = next(wm.parameters()).device
+    frames = np.concatenate([context[:, -K:], seen], 1)
+    z = torch.cat([wm.encode(torch.from_numpy(frames[i : i + 64]).to(device)) for i in range(0, len(frames), 64)])
+    window = z[:, :K]
+    alive = torch.ones(len(frames), device=device)
+    out = []
+    for t in range(actions.shape[1]):
+        a = torch.as_tensor(actions[:, t], device=device)
+        real_window = z[:, t : t + K]
+        if mode == "open_loop":
+            pred = wm.imagine_step(window, a)
+            window = torch.cat([window[:, 1:], pred.latent.to(window.dtype)], 1)
+            cont = pred.cont.float()
+        elif mode in ("one_step", "real_pairs"):
+            nxt = wm.predictor(real_window, a)[:, 0] if mode == "one_step" else z[:, t + K]
+            cont = torch.sigmoid(wm.calibrated_heads(real_window[:, -1], nxt)[1].float())
+        else:
+            raise ValueError(f"mode must be open_loop, one_step or real_pairs, got {mode!r}")
+        alive = alive * cont
+        out.append(1 - alive)
+    return torch.stack(out, 1).cpu().numpy()
+
+
+@dataclass
+class TrackerRuns:
+    """Falling-ball starts, each played for real by the RAM tracker and by its mirror."""
+
+    starts: FallingBall
+    tracker: tuple[np.ndarray, ...]
+    mirror: tuple[np.ndarray, ...]
+
+
+def tracker_runs(env_id: str, starts: int, horizon: int, K: int, seed: int = 7) -> TrackerRuns:
+    """Breakout only: :func:`falling_ball_starts` played by the tracker and by its mirror."""
+    fb = falling_ball_starts(env_id, starts, K, seed)
+    return TrackerRuns(fb, play_tracker(env_id, fb, horizon, False), play_tracker(env_id, fb, horizon, True))
+
+
+def paddle_saves(
+    wm: WorldModel, runs: TrackerRuns, depths: tuple[int, ...] = PADDLE_DEPTHS, mode: str = "open_loop"
+) -> dict:
+    """Does imagination know that the paddle saves the ball? From the same falling-ball states, a
+    paddle that meets the ball (the RAM tracker) and one that runs away (its mirror) play for real and
+    in imagination, with the same actions; per depth: the share of starts that lose a life within it,
+    real and imagined, and ``pair_gap``, the mean imagined loss of the mirror minus the tracker's on the
+    starts where only the mirror loses its life for real (1 for a perfect model, 0 when imagination
+    cannot tell the two apart)."""
+    wm.eval()
+    played = {"tracker": runs.tracker, "mirror": runs.mirror}
+    real = {name: np.stack([lost <= d for d in depths], 1) for name, (_, lost, _) in played.items()}
+    imagined = {
+        name: imagined_life_lost(wm, runs.starts.context, seen, acts, mode)[:, [d - 1 for d in depths]]
+        for name, (acts, _, seen) in played.items()
+    }
+    only_mirror = real["mirror"] & ~real["tracker"]
+    out: dict = {"starts": len(runs.starts.states), "mode": mode, "pairs": {}, "pair_gap": {}}
+    for name in ("tracker", "mirror"):
+        out[f"real_lost_{name}"] = {str(d): float(real[name][:, j].mean()) for j, d in enumerate(depths)}
+        out[f"imagined_lost_{name}"] = {str(d): float(imagined[name][:, j].mean()) for j, d in enumerate(depths)}
+    for j, d in enumerate(depths):
+        pairs = only_mirror[:, j]
+        gap = imagined["mirror"][pairs, j] - imagined["tracker"][pairs, j]
+        out["pairs"][str(d)] = int(pairs.sum())
+        out["pair_gap"][str(d)] = float(gap.mean()) if pairs.any() else float("nan")
+    return out

@@ -28,51 +28,25 @@ import json
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
 from agent.checkpoint import load_latest
 from agent.dyna import calibrate_on_replay, load_agent
-from envs.annotations import RAM_POSITIONS, annotated_rollout
-from envs.atari import _AtariPreprocessing
+from envs.annotations import annotated_rollout
+from envs.ram_players import FIRE, LEFT, RIGHT, breakout_tracker, emulator_copy, ram_positions
 from worldmodel.imagined_env import ImaginedEnv
-
-NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
-
-
-def ram_rule(paddle_x: np.ndarray, ball_x: np.ndarray, in_play: np.ndarray, offset: float, dead: float = 3.0):
-    """The tracking rule's actions ``[N]`` from RAM positions."""
-    gap = ball_x - (paddle_x + offset)
-    act = np.where(gap > dead, RIGHT, np.where(gap < -dead, LEFT, NOOP))
-    return np.where(in_play, act, FIRE)
-
-
-def in_play_of(pos: np.ndarray) -> np.ndarray:
-    return (pos[..., 1] > 0) & (pos[..., 2] > 0) & (pos[..., 2] < 188)
-
-
-def make_copy(env_id: str, seed: int) -> gym.Env:
-    env = gym.make(env_id, frameskip=1, obs_type="grayscale", repeat_action_probability=0.0, full_action_space=False)
-    env = _AtariPreprocessing(env, noop_max=30)
-    env.reset(seed=seed)
-    return env
-
-
-def ram_positions(env: gym.Env) -> np.ndarray:
-    return env.unwrapped.ale.getRAM()[list(RAM_POSITIONS["breakout"])].astype(np.float32)
 
 
 def rule_score(env_id: str, offset: float, episodes: int, seed: int) -> float:
     """Mean return of full episodes of the RAM rule (how well a perfect tracker plays)."""
     scores = []
     for e in range(episodes):
-        env = make_copy(env_id, seed + e)
+        env = emulator_copy(env_id, seed + e)
         total, done = 0.0, False
         while not done:
-            pos = ram_positions(env)
-            a = int(ram_rule(pos[0:1], pos[1:2], in_play_of(pos[None])[0:1], offset)[0])
+            a = int(breakout_tracker(ram_positions(env, env_id), aim=offset))
             _, r, term, trunc, _ = env.step(a)
             total += r
             done = term or trunc
@@ -138,7 +112,7 @@ def main() -> None:
             ]
         )
     pos = data.positions.reshape(S * N, 3)
-    labels = torch.as_tensor(ram_rule(pos[:, 0], pos[:, 1], data.ball_in_play.reshape(-1), a.offset))
+    labels = torch.as_tensor(breakout_tracker(pos, aim=a.offset))
     tracker = Tracker(z.shape[1])
     opt = torch.optim.Adam(tracker.parameters(), 1e-3)
     n_train = int(0.8 * len(z))
@@ -177,7 +151,7 @@ def main() -> None:
     policies = ("tracker", "mirror", "uniform", "fire_or_left")
 
     # 2. Start states from random play: emulator states and the last K frames.
-    copies = [make_copy(env_id, a.seed + 200 + i) for i in range(8)]
+    copies = [emulator_copy(env_id, a.seed + 200 + i) for i in range(8)]
     history: list[list[np.ndarray]] = [[] for _ in copies]
     starts: list[tuple[object, np.ndarray]] = []
     step = 0
@@ -240,7 +214,7 @@ def main() -> None:
     for name in ("tracker", "mirror"):
         scores = []
         for e in range(a.episodes):
-            env = make_copy(env_id, a.seed + 300 + e)
+            env = emulator_copy(env_id, a.seed + 300 + e)
             obs, total = env.reset(seed=a.seed + 300 + e)[0], 0.0
             for _ in range(4000):
                 with torch.no_grad():

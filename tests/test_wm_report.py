@@ -98,3 +98,44 @@ def test_open_loop_depth_zero_context_matches_imagine_step() -> None:
         window = torch.cat([window[:, 1:], pred.latent], dim=1)
     assert torch.allclose(out.latent, window[:, -1], atol=1e-6)
     assert torch.allclose(out.reward, pred.reward, atol=1e-6)
+
+
+def test_breakout_tracker_meets_the_ball_and_its_mirror_runs() -> None:
+    from envs.ram_players import FIRE, LEFT, NOOP, RIGHT, TRACKER_AIM, breakout_tracker, has_tracker
+
+    # paddle x, ball x, ball y (RAM): ball far right, far left, right above the aim, not in play, past the paddle.
+    pos = np.array([[50, 100, 150], [50, 20, 150], [50, 50 + TRACKER_AIM, 150], [50, 0, 0], [50, 100, 190]], np.float32)
+    assert breakout_tracker(pos).tolist() == [RIGHT, LEFT, NOOP, FIRE, FIRE]
+    assert breakout_tracker(pos, mirror=True).tolist() == [LEFT, RIGHT, NOOP, FIRE, FIRE]
+    assert has_tracker("ALE/Breakout-v5") and not has_tracker("ALE/Pong-v5") and not has_tracker("wm/Catch-v0")
+
+
+def test_paddle_saves_real_and_imagined_life_losses() -> None:
+    from agent.wm_report import imagined_life_lost, paddle_saves, tracker_runs
+
+    torch.manual_seed(0)
+    cfg = preset("debug").world_model
+    K = cfg.context
+    runs = tracker_runs("ALE/Breakout-v5", starts=24, horizon=18, K=K, seed=7)
+    assert runs.starts.context.shape == (24, K, 64, 64) and runs.tracker[2].shape == (24, 18, 64, 64)
+    wm = WorldModel(cfg, num_actions=4)
+    wm.set_base_rates(0.01, 0.02)
+    ps = paddle_saves(wm, runs, depths=(10, 18))
+    # In the real game the paddle that runs from a falling ball loses its life far more often.
+    assert ps["real_lost_mirror"]["18"] >= ps["real_lost_tracker"]["18"] + 0.25
+    assert ps["pairs"]["18"] > 0 and math.isfinite(ps["pair_gap"]["18"])
+    for who in ("tracker", "mirror"):
+        assert ps[f"imagined_lost_{who}"]["10"] <= ps[f"imagined_lost_{who}"]["18"] <= 1
+        assert ps[f"real_lost_{who}"]["10"] <= ps[f"real_lost_{who}"]["18"]
+    # A continue head that ends every step imagines every life lost, the paddle's moves changing nothing.
+    with torch.no_grad():
+        wm.head_shifts[1] = -50.0
+    doomed = paddle_saves(wm, runs, depths=(10, 18))
+    assert doomed["imagined_lost_tracker"]["10"] == doomed["imagined_lost_mirror"]["10"] == 1.0
+    assert doomed["pair_gap"]["18"] == 0.0
+    acts, _, seen = runs.tracker
+    for mode in ("one_step", "real_pairs"):
+        lost = imagined_life_lost(wm, runs.starts.context, seen, acts, mode)
+        assert lost.shape == (24, 18) and np.allclose(lost, 1.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        imagined_life_lost(wm, runs.starts.context, seen, acts, "closed_loop")
