@@ -465,7 +465,8 @@ def paddle_table(ps: dict) -> Table:
             *(f"{ps[f'real_lost_{who}'][d]:.2f} / {ps[f'imagined_lost_{who}'][d]:.2f}" for d in ps["pair_gap"]),
         )
     table.add_row(
-        "pair gap (1 = perfect, 0 = blind)", *(f"{g:.2f} ({ps['pairs'][d]})" for d, g in ps["pair_gap"].items())
+        "pair gap (1 = perfect, 0 = blind)",
+        *("-" if g is None else f"{g:.2f} ({ps['pairs'][d]})" for d, g in ps["pair_gap"].items()),
     )
     return table
 

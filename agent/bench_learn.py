@@ -92,7 +92,9 @@ def run_from_checkpoint(run_dir: Path, loaded: LoadedAgent, episodes: int) -> di
         next(loaded.wm.parameters()).device,
         sticky_actions=loaded.cfg.sticky_actions,
     )
-    steps, means = rolling_curve(loaded.episode_end_steps, loaded.episode_returns)
+    steps, means = [], []  # checkpoints written before episode end steps were kept have no curve
+    if len(loaded.episode_end_steps) == len(loaded.episode_returns):
+        steps, means = rolling_curve(loaded.episode_end_steps, loaded.episode_returns)
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(loaded.checkpoint),
@@ -105,12 +107,12 @@ def run_from_checkpoint(run_dir: Path, loaded: LoadedAgent, episodes: int) -> di
     }
 
 
-def run_sb3(args: argparse.Namespace, seed: int) -> dict:
+def run_sb3(args: argparse.Namespace, seed: int, steps: int, sticky_actions: float) -> dict:
     from agent.baseline import evaluate_ppo, train_ppo
 
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    model, episodes, seconds = train_ppo(args.env, args.steps, seed, device=device)
-    scores = evaluate_ppo(model, args.env, args.episodes, 10_000 + seed)
+    model, episodes, seconds = train_ppo(args.env, steps, seed, sticky_actions, device=device)
+    scores = evaluate_ppo(model, args.env, args.episodes, 10_000 + seed, sticky_actions)
     steps, means = rolling_curve([s for s, _ in episodes], [r for _, r in episodes])
     return {
         "env_steps": int(model.num_timesteps),
@@ -154,7 +156,7 @@ def plot_curves(
 
 
 def _round_to_rollouts(steps: int) -> int:
-    """SB3's PPO collects whole rollouts of 8 envs x 128 steps: the budget both agents get."""
+    """SB3's PPO collects whole rollouts of 8 envs x 128 steps: ``steps`` rounded up to them."""
     rollout = 8 * 128
     return -(-steps // rollout) * rollout
 
@@ -179,7 +181,7 @@ def _load_runs(paths: list[str], device_name: str, console: Console) -> list[tup
 
 def learn_main(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
-    if args.steps <= 0 or args.seeds <= 0 or args.episodes <= 0:
+    if args.episodes <= 0 or (not args.runs and (args.steps <= 0 or args.seeds <= 0)):
         console.print("[bold red]error:[/] --steps, --seeds and --episodes must be positive")
         return 2
     if args.threads > 0:
@@ -192,8 +194,9 @@ def learn_main(args: argparse.Namespace) -> int:
             return 2
         runs = loaded_runs
         args.env = runs[0][1].cfg.env
-        args.steps = max(loaded.env_steps for _, loaded in runs)
-        args.preset = "trained runs"
+        lengths = {loaded.env_steps for _, loaded in runs}
+        args.steps = lengths.pop() if len(lengths) == 1 else None  # per run in each seed's row otherwise
+        args.preset = None
     elif args.steps != _round_to_rollouts(args.steps):
         args.steps = _round_to_rollouts(args.steps)
         console.print(f"budget rounded up to {args.steps} env steps (whole SB3 PPO rollouts of 8 x 128)")
@@ -208,11 +211,12 @@ def learn_main(args: argparse.Namespace) -> int:
     else:
         jobs = [(seed, None, None) for seed in range(args.seed, args.seed + args.seeds)]
     results = []
+    sb3_done: dict[tuple[int, int, float], dict] = {}  # a run and its branch share their seed and budget
     for seed, run_dir, loaded in jobs:
         if loaded is None:
             console.print(f"seed {seed}: wm-agent ({args.preset} preset), {args.steps} env steps on {args.env}")
             wm = run_wm_agent(args, seed, out, console)
-            sb3_steps = args.steps
+            sb3_steps, sticky = args.steps, preset(args.preset).sticky_actions
         else:
             stopped = "" if loaded.env_steps >= loaded.cfg.steps else f", stopped early of {loaded.cfg.steps}"
             console.print(
@@ -221,9 +225,11 @@ def learn_main(args: argparse.Namespace) -> int:
                 highlight=False,
             )
             wm = run_from_checkpoint(run_dir, loaded, args.episodes)
-            sb3_steps = _round_to_rollouts(loaded.env_steps)
-        console.print(f"seed {seed}: stable-baselines3 PPO, {sb3_steps} env steps")
-        sb3 = run_sb3(argparse.Namespace(**{**vars(args), "steps": sb3_steps}), seed)
+            sb3_steps, sticky = _round_to_rollouts(loaded.env_steps), loaded.cfg.sticky_actions
+        if (seed, sb3_steps, sticky) not in sb3_done:
+            console.print(f"seed {seed}: stable-baselines3 PPO, {sb3_steps} env steps, sticky actions {sticky}")
+            sb3_done[seed, sb3_steps, sticky] = run_sb3(args, seed, sb3_steps, sticky)
+        sb3 = dict(sb3_done[seed, sb3_steps, sticky])
         row = {"seed": seed, "wm_agent": wm, "sb3_ppo": sb3}
         if args.threshold is not None:
             for agent in (wm, sb3):
@@ -234,11 +240,10 @@ def learn_main(args: argparse.Namespace) -> int:
         (out / "learn.json").write_text(json.dumps(_summary(args, results), indent=2))
     summary = _summary(args, results)
     (out / "learn.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(
-        results, out / "learn.png", f"{args.env}, {args.steps} env steps, {len(results)} seed(s)", args.threshold
-    )
+    budget = "runs of different lengths" if args.steps is None else f"{args.steps} env steps"
+    plot_curves(results, out / "learn.png", f"{args.env}, {budget}, {len(results)} seed(s)", args.threshold)
 
-    table = Table(title=f"bench learn: {args.env}, {args.steps} env steps, {args.episodes} eval episodes per seed")
+    table = Table(title=f"bench learn: {args.env}, {budget}, {args.episodes} eval episodes per seed")
     cols = ["seed", "wm-agent score", "SB3 PPO score", "ratio", "wm-agent train min", "SB3 train min"]
     if args.threshold is not None:
         cols += [f"wm-agent steps to {args.threshold}", f"SB3 steps to {args.threshold}"]
@@ -303,5 +308,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RUN_DIR",
         help="score these `wm-agent train` runs instead of training wm-agent; SB3 PPO trains on each run's "
-        "env, seed and env steps (--env, --steps, --seeds, --seed and --preset are then unused)",
+        "env, seed, env steps and sticky actions (--env, --steps, --seeds, --seed and --preset are then unused); "
+        "a run's training minutes are its own, over every stop and resume, on the machine it ran on",
     )

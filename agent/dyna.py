@@ -142,8 +142,9 @@ class Counters:
     """World-model updates owed (kept across a stop, so a resumed run does the same number)."""
     policy_budget: float = 0.0
     pretrain_done: bool = False
-    train_seconds: float = 0.0
-    """Wall time spent in ``train`` up to the last checkpoint, summed over every stop and resume."""
+    train_seconds: float | None = 0.0
+    """Wall time spent in ``train`` up to the last checkpoint, summed over every stop and resume; None
+    for a run resumed from a checkpoint written before it was counted."""
 
 
 class NonFiniteError(RuntimeError):
@@ -427,7 +428,7 @@ class DynaTrainer:
         self.policy.load_state_dict(state["policy"])
         self.ppo.optimizer.load_state_dict(state["policy_optimizer"])
         self.ppo.return_scale = state["return_scale"].to(self.device)
-        self.counters = Counters(**state["counters"])
+        self.counters = Counters(**{"train_seconds": None, **state["counters"]})
         self.wm_trainer.updates = state["wm_updates"]
         self.ppo.updates = state["policy_updates"]
         if own is not None:
@@ -554,6 +555,10 @@ class DynaTrainer:
         next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every if cfg.image_every else None
         timings = {"collect": 0.0, "world_model": 0.0, "imagination": 0.0, "policy": 0.0}
         t_start, seconds_before = time.perf_counter(), c.train_seconds
+
+        def seconds_so_far() -> float | None:
+            return None if seconds_before is None else seconds_before + time.perf_counter() - t_start
+
         while c.env_steps < cfg.steps and not self.poll_stop():
             t0 = time.perf_counter()
             steps_this_iter = 0
@@ -644,13 +649,13 @@ class DynaTrainer:
                 next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
             healthy = self.wm_trainer.consecutive_skipped == 0 and self.ppo.consecutive_skipped == 0
             if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stopping and healthy:
-                c.train_seconds = seconds_before + time.perf_counter() - t_start
+                c.train_seconds = seconds_so_far()
                 self.save_checkpoint()
                 next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         self.sync_episodes()
         already = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{c.env_steps:010d}"
-        c.train_seconds = seconds_before + time.perf_counter() - t_start
         if final_checkpoint and not already:
+            c.train_seconds = seconds_so_far()
             self.save_checkpoint()
         self.env.close()
         return {
@@ -660,7 +665,7 @@ class DynaTrainer:
             "return_last100": float(np.mean(self.episode_returns[-100:])) if self.episode_returns else float("nan"),
             **{f"time_{k}_s": v for k, v in timings.items()},
             "time_other_s": time.perf_counter() - t_start - sum(timings.values()),
-            "train_seconds_total": c.train_seconds,
+            "train_seconds_total": seconds_so_far(),
         }
 
 
@@ -706,9 +711,9 @@ def load_agent(path: Path, device: torch.device, warn: Callable[[str], None] = p
         cfg,
         wm,
         policy,
-        int(counters["env_steps"]),
-        ckpt,
-        state["episode_returns"].tolist(),
-        state["episode_end_steps"].tolist() if "episode_end_steps" in state else [],
-        counters.get("train_seconds"),
+        env_steps=int(counters["env_steps"]),
+        checkpoint=ckpt,
+        episode_returns=state["episode_returns"].tolist(),
+        episode_end_steps=state["episode_end_steps"].tolist() if "episode_end_steps" in state else [],
+        train_seconds=counters.get("train_seconds"),
     )

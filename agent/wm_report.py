@@ -10,6 +10,7 @@ scored (R^2) on latents of the rest: the encoder's own, and the predictor's at e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -257,7 +258,7 @@ def falling_ball_starts(env_id: str, n: int, K: int, seed: int) -> FallingBall:
                 history[i] = []
             history[i] = (history[i] + [obs])[-K:]
             pos = ram_positions(env, env_id)
-            falling = ball_in_play(pos, env_id) and pos[2] > prev_y[i] and 120 <= pos[2] <= 175
+            falling = ball_in_play(pos, "breakout") and pos[2] > prev_y[i] and 120 <= pos[2] <= 175
             if len(history[i]) == K and falling and rng.random() < 0.5 and len(states) < n:
                 states.append(env.unwrapped.ale.cloneState())
                 context.append(np.stack(history[i]))
@@ -267,9 +268,16 @@ def falling_ball_starts(env_id: str, n: int, K: int, seed: int) -> FallingBall:
     return FallingBall(states, np.stack(context))
 
 
-def play_tracker(env_id: str, starts: FallingBall, horizon: int, mirror: bool) -> tuple[np.ndarray, ...]:
-    """The RAM tracker (or its mirror) for ``horizon`` steps from every start: actions ``[n, H]``, the
-    step at which the first life is lost (``H + 1`` if none) ``[n]``, the frames seen ``[n, H, 64, 64]``."""
+class Played(NamedTuple):
+    """What a scripted player did and saw for ``H`` steps from each of ``n`` starts."""
+
+    actions: np.ndarray  # int64 [n, H]
+    lost_at: np.ndarray  # int [n]: the step (1-based) at which the first life was lost, H + 1 if none
+    seen: np.ndarray  # uint8 [n, H, 64, 64]: the frame after each action
+
+
+def play_tracker(env_id: str, starts: FallingBall, horizon: int, mirror: bool) -> Played:
+    """The RAM tracker (or its mirror) for ``horizon`` steps from every start."""
     n, H = len(starts.states), horizon
     env = emulator_copy(env_id, 0)
     actions = np.zeros((n, H), np.int64)
@@ -284,7 +292,7 @@ def play_tracker(env_id: str, starts: FallingBall, horizon: int, mirror: bool) -
             if lost_at[b] > H and (term or env.unwrapped.ale.lives() < lives):
                 lost_at[b] = t + 1
     env.close()
-    return actions, lost_at, seen
+    return Played(actions, lost_at, seen)
 
 
 @torch.no_grad()
@@ -295,6 +303,8 @@ def imagined_life_lost(
     real context ``[n, K, 64, 64]`` under ``actions [n, H]``. ``mode``: ``open_loop`` (the predictor fed
     its own outputs, as imagination runs), ``one_step`` (each step predicted from the real frames
     ``seen [n, H, 64, 64]`` before it) or ``real_pairs`` (the heads on the encoder's latents of them)."""
+    if mode not in ("open_loop", "one_step", "real_pairs"):
+        raise ValueError(f"mode must be open_loop, one_step or real_pairs, got {mode!r}")
     K = wm.cfg.context
     device = next(wm.parameters()).device
     frames = np.concatenate([context[:, -K:], seen], 1)
@@ -309,11 +319,9 @@ def imagined_life_lost(
             pred = wm.imagine_step(window, a)
             window = torch.cat([window[:, 1:], pred.latent.to(window.dtype)], 1)
             cont = pred.cont.float()
-        elif mode in ("one_step", "real_pairs"):
+        else:
             nxt = wm.predictor(real_window, a)[:, 0] if mode == "one_step" else z[:, t + K]
             cont = torch.sigmoid(wm.calibrated_heads(real_window[:, -1], nxt)[1].float())
-        else:
-            raise ValueError(f"mode must be open_loop, one_step or real_pairs, got {mode!r}")
         alive = alive * cont
         out.append(1 - alive)
     return torch.stack(out, 1).cpu().numpy()
@@ -324,13 +332,13 @@ class TrackerRuns:
     """Falling-ball starts, each played for real by the RAM tracker and by its mirror."""
 
     starts: FallingBall
-    tracker: tuple[np.ndarray, ...]
-    mirror: tuple[np.ndarray, ...]
+    tracker: Played
+    mirror: Played
 
 
-def tracker_runs(env_id: str, starts: int, horizon: int, K: int, seed: int = 7) -> TrackerRuns:
-    """Breakout only: :func:`falling_ball_starts` played by the tracker and by its mirror."""
-    fb = falling_ball_starts(env_id, starts, K, seed)
+def tracker_runs(env_id: str, n: int, horizon: int, K: int, seed: int = 7) -> TrackerRuns:
+    """Breakout only: ``n`` :func:`falling_ball_starts` played by the tracker and by its mirror."""
+    fb = falling_ball_starts(env_id, n, K, seed)
     return TrackerRuns(fb, play_tracker(env_id, fb, horizon, False), play_tracker(env_id, fb, horizon, True))
 
 
@@ -345,10 +353,10 @@ def paddle_saves(
     cannot tell the two apart)."""
     wm.eval()
     played = {"tracker": runs.tracker, "mirror": runs.mirror}
-    real = {name: np.stack([lost <= d for d in depths], 1) for name, (_, lost, _) in played.items()}
+    real = {name: np.stack([p.lost_at <= d for d in depths], 1) for name, p in played.items()}
     imagined = {
-        name: imagined_life_lost(wm, runs.starts.context, seen, acts, mode)[:, [d - 1 for d in depths]]
-        for name, (acts, _, seen) in played.items()
+        name: imagined_life_lost(wm, runs.starts.context, p.seen, p.actions, mode)[:, [d - 1 for d in depths]]
+        for name, p in played.items()
     }
     only_mirror = real["mirror"] & ~real["tracker"]
     out: dict = {"starts": len(runs.starts.states), "mode": mode, "pairs": {}, "pair_gap": {}}
@@ -359,5 +367,5 @@ def paddle_saves(
         pairs = only_mirror[:, j]
         gap = imagined["mirror"][pairs, j] - imagined["tracker"][pairs, j]
         out["pairs"][str(d)] = int(pairs.sum())
-        out["pair_gap"][str(d)] = float(gap.mean()) if pairs.any() else float("nan")
+        out["pair_gap"][str(d)] = float(gap.mean()) if pairs.any() else None
     return out

@@ -87,14 +87,15 @@ def annotated_rollout(env_id: str, steps: int, num_envs: int = 8, seed: int = 0)
         obs, rewards[s], terminated[s], _, info = env.step(actions[s])
         life_loss[s], first = info["life_loss"], info["is_first"]
     env.close()
-    in_play = ball_in_play(positions, env_id)
+    in_play = ball_in_play(positions, ale_game(env_id))
     return AnnotatedRollout(frames, actions, rewards, terminated, life_loss, is_first, positions, in_play)
 
 
-def ball_in_play(positions: np.ndarray, env_id: str) -> np.ndarray:
-    """``[...]``: whether the ball is on the field, from positions ``[..., 3]`` read from ``env_id``'s RAM."""
+def ball_in_play(positions: np.ndarray, game: str) -> np.ndarray:
+    """``[...]``: whether the ball is on the field, from positions ``[..., 3]`` read from the RAM of ROM
+    ``game`` (``"breakout"``, see :func:`envs.atari.ale_game`)."""
     in_play = (positions[..., 1] > 0) & (positions[..., 2] > 0)
-    if ale_game(env_id) in BALL_HIDDEN_FROM:
-        column, limit = BALL_HIDDEN_FROM[ale_game(env_id)]
+    if game in BALL_HIDDEN_FROM:
+        column, limit = BALL_HIDDEN_FROM[game]
         in_play &= positions[..., column] < limit
     return in_play

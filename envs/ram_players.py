@@ -47,4 +47,4 @@ def breakout_tracker(
     gap = positions[..., 1] - (positions[..., 0] + aim)
     toward, away = (LEFT, RIGHT) if mirror else (RIGHT, LEFT)
     act = np.where(gap > dead_zone, toward, np.where(gap < -dead_zone, away, NOOP))
-    return np.where(ball_in_play(positions, "ALE/Breakout-v5"), act, FIRE)
+    return np.where(ball_in_play(positions, "breakout"), act, FIRE)

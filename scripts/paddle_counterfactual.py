@@ -19,6 +19,9 @@ where only the mirror loses its life in the real game (1.0 would be a perfect mo
 The open-loop figures are also in ``wm-agent bench world-model`` on Breakout (``paddle_saves``); this
 script adds the two other ways and several models on the same starts.
 
+The starts are drawn with the longest context of the models given (4 frames for every preset but
+`atari100k`), so a set of models with another context gets other starts.
+
 MODEL is a run directory (its acting model, shifts fitted on its replay) or a `bench world-model`
 output directory holding `world_model.pt` (shifts fitted on random play like its training data).
 """
@@ -75,8 +78,8 @@ def main() -> None:
         row: dict = {"model": str(path), "head_shifts": [round(x, 2) for x in wm.head_shifts.tolist()]}
         for mode in ("real_pairs", "one_step", "open_loop"):
             r = paddle_saves(wm, runs, depths, mode)
-            row["real_lost"] = {k: r[f"real_lost_{k}"] for k in ("tracker", "mirror")}
             row[mode] = {k: r[k] for k in ("imagined_lost_tracker", "imagined_lost_mirror", "pair_gap")}
+        row["real_lost"] = {k: r[f"real_lost_{k}"] for k in ("tracker", "mirror")}
         row["seconds"] = round(time.time() - t0)
         print(json.dumps(row), flush=True)
 

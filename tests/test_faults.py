@@ -26,7 +26,7 @@ from agent.checkpoint import (
     write_manifest,
 )
 from agent.config import preset
-from agent.dyna import DynaTrainer, NonFiniteError
+from agent.dyna import DynaTrainer, NonFiniteError, load_agent
 from tests.helpers import train_quietly
 from tests.test_cli import run
 from tests.test_runs import TRAIN, metrics
@@ -236,6 +236,20 @@ def test_resume_restores_optimizer_rng_and_episodes(tmp_path: Path) -> None:
     assert a.episode_end_steps == b.episode_end_steps and len(a.replay) == len(b.replay)
     assert b.rng.integers(1 << 30) == a_next_numpy  # the RNG streams go on where the checkpoint left them
     assert torch.equal(torch.rand(3), a_next_torch)
+
+
+def test_training_time_from_before_it_was_counted_stays_unknown(tmp_path: Path) -> None:
+    cfg = preset("debug")
+    cfg.env, cfg.steps, cfg.threads = "wm/Catch-v0", 200, 1
+    a = DynaTrainer(cfg, tmp_path)
+    assert train_quietly(a)["train_seconds_total"] >= a.counters.train_seconds > 0
+    del a.counters.train_seconds  # the counters of a checkpoint written before the field existed
+    a.save_checkpoint()
+    cfg.steps = 300
+    b = DynaTrainer(cfg, tmp_path, resume=True)
+    summary = train_quietly(b)
+    assert summary["env_steps"] == 300 and summary["train_seconds_total"] is None and b.counters.train_seconds is None
+    assert load_agent(tmp_path, torch.device("cpu")).train_seconds is None  # not the time since the resume
 
 
 @pytest.mark.parametrize("cmd", ["eval", "watch"])

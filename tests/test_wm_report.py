@@ -116,17 +116,24 @@ def test_paddle_saves_real_and_imagined_life_losses() -> None:
     torch.manual_seed(0)
     cfg = preset("debug").world_model
     K = cfg.context
-    runs = tracker_runs("ALE/Breakout-v5", starts=24, horizon=18, K=K, seed=7)
-    assert runs.starts.context.shape == (24, K, 64, 64) and runs.tracker[2].shape == (24, 18, 64, 64)
+    runs = tracker_runs("ALE/Breakout-v5", n=24, horizon=18, K=K, seed=7)
+    assert runs.starts.context.shape == (24, K, 64, 64) and runs.tracker.seen.shape == (24, 18, 64, 64)
     wm = WorldModel(cfg, num_actions=4)
     wm.set_base_rates(0.01, 0.02)
     ps = paddle_saves(wm, runs, depths=(10, 18))
     # In the real game the paddle that runs from a falling ball loses its life far more often.
     assert ps["real_lost_mirror"]["18"] >= ps["real_lost_tracker"]["18"] + 0.25
     assert ps["pairs"]["18"] > 0 and math.isfinite(ps["pair_gap"]["18"])
-    for who in ("tracker", "mirror"):
-        assert ps[f"imagined_lost_{who}"]["10"] <= ps[f"imagined_lost_{who}"]["18"] <= 1
-        assert ps[f"real_lost_{who}"]["10"] <= ps[f"real_lost_{who}"]["18"]
+    for who, played in (("tracker", runs.tracker), ("mirror", runs.mirror)):
+        for d in (10, 18):  # depth d reads the d-th step: life lost at step d counts, at d + 1 does not
+            assert ps[f"real_lost_{who}"][str(d)] == (played.lost_at <= d).mean()
+            lost = imagined_life_lost(wm, runs.starts.context, played.seen, played.actions)
+            assert ps[f"imagined_lost_{who}"][str(d)] == pytest.approx(lost[:, d - 1].mean())
+    # A continue head that keeps every life imagines none lost, whatever the paddle does.
+    with torch.no_grad():
+        wm.head_shifts[1] = 50.0
+    hopeful = paddle_saves(wm, runs, depths=(10, 18))
+    assert hopeful["imagined_lost_tracker"]["10"] < 1e-6 and hopeful["pair_gap"]["18"] == pytest.approx(0, abs=1e-6)
     # A continue head that ends every step imagines every life lost, the paddle's moves changing nothing.
     with torch.no_grad():
         wm.head_shifts[1] = -50.0
@@ -139,3 +146,16 @@ def test_paddle_saves_real_and_imagined_life_losses() -> None:
         assert lost.shape == (24, 18) and np.allclose(lost, 1.0)
     with pytest.raises(ValueError, match="mode must be"):
         imagined_life_lost(wm, runs.starts.context, seen, acts, "closed_loop")
+
+
+def test_paddle_table_shows_each_depth() -> None:
+    from agent.bench import paddle_table
+
+    ps = {"starts": 8, "pairs": {"10": 0, "18": 3}, "pair_gap": {"10": None, "18": 0.25}}
+    for who in ("tracker", "mirror"):
+        ps[f"real_lost_{who}"] = {"10": 0.0, "18": 0.5}
+        ps[f"imagined_lost_{who}"] = {"10": 0.1, "18": 0.2}
+    table = paddle_table(ps)
+    assert [c.header for c in table.columns] == ["life lost within", "10 steps", "18 steps"]
+    assert list(table.columns[2].cells) == ["0.50 / 0.20", "0.50 / 0.20", "0.25 (3)"]
+    assert list(table.columns[1].cells)[2] == "-"
