@@ -23,11 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.checkpoint import CheckpointError
-from agent.config import PRESETS, preset, to_dict
+from agent.config import PRESETS, TrainConfig, preset, to_dict
 from agent.dyna import DynaTrainer, LoadedAgent, load_agent, resolve_device
 from agent.evaluate import evaluate
 from agent.logger import RunLogger
 from agent.machine import machine_info
+from agent.policy import ActorCritic
+from worldmodel.world_model import WorldModel
 
 
 def rolling_curve(end_steps: list[int], returns: list[float], window: int = 100) -> tuple[list[int], list[float]]:
@@ -59,51 +61,36 @@ def run_wm_agent(args: argparse.Namespace, seed: int, out: Path, console: Consol
     finally:
         logger.close()
     seconds = time.time() - t0
-    scores = evaluate(
-        trainer.wm_act,
-        trainer.policy,
-        cfg.env,
-        args.episodes,
-        10_000 + seed,
-        trainer.device,
-        sticky_actions=cfg.sticky_actions,
-    )
-    steps, means = rolling_curve(trainer.episode_end_steps, trainer.episode_returns)
     return {
         "run_dir": str(run_dir),
         "env_steps": summary["env_steps"],
         "train_seconds": seconds,
-        "eval_returns": scores,
-        "eval_mean": float(np.mean(scores)),
-        "curve_steps": steps,
-        "curve_last100": means,
+        **scored(
+            trainer.wm_act, trainer.policy, cfg, args.episodes, trainer.episode_end_steps, trainer.episode_returns
+        ),
         "time_split_s": {k[5:-2]: v for k, v in summary.items() if k.startswith("time_")},
     }
 
 
+def scored(
+    wm: WorldModel, policy: ActorCritic, cfg: TrainConfig, episodes: int, end_steps: list[int], returns: list[float]
+) -> dict:
+    """A trained wm-agent's evaluation (``episodes`` full episodes, seed 10000 + the run's seed) and its
+    training curve (none where the episodes' end steps were not kept)."""
+    device = next(wm.parameters()).device
+    scores = evaluate(wm, policy, cfg.env, episodes, 10_000 + cfg.seed, device, sticky_actions=cfg.sticky_actions)
+    steps, means = rolling_curve(end_steps, returns) if len(end_steps) == len(returns) else ([], [])
+    return {"eval_returns": scores, "eval_mean": float(np.mean(scores)), "curve_steps": steps, "curve_last100": means}
+
+
 def run_from_checkpoint(run_dir: Path, loaded: LoadedAgent, episodes: int) -> dict:
     """A run trained by ``wm-agent train``, scored like :func:`run_wm_agent` scores its own."""
-    scores = evaluate(
-        loaded.wm,
-        loaded.policy,
-        loaded.cfg.env,
-        episodes,
-        10_000 + loaded.cfg.seed,
-        next(loaded.wm.parameters()).device,
-        sticky_actions=loaded.cfg.sticky_actions,
-    )
-    steps, means = [], []  # checkpoints written before episode end steps were kept have no curve
-    if len(loaded.episode_end_steps) == len(loaded.episode_returns):
-        steps, means = rolling_curve(loaded.episode_end_steps, loaded.episode_returns)
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(loaded.checkpoint),
         "env_steps": loaded.env_steps,
         "train_seconds": loaded.train_seconds,
-        "eval_returns": scores,
-        "eval_mean": float(np.mean(scores)),
-        "curve_steps": steps,
-        "curve_last100": means,
+        **scored(loaded.wm, loaded.policy, loaded.cfg, episodes, loaded.episode_end_steps, loaded.episode_returns),
     }
 
 
