@@ -134,6 +134,9 @@ def _cpu_world_model() -> WorldModelConfig:
     # last-100 return reached 0.9 at 10.8k / 12.0k / 15.1k env steps with both, 17.3k / 13.7k / 19.4k without.
     wm.pixel_gain = 3.0
     wm.loss.motion_map = 1.0
+    # Gain 3 saturated Pong's grey field and erased it (docs/breakout_world_model.md); measured from the
+    # frame's median colour, Breakout and Catch are unchanged and Pong's objects stand out.
+    wm.subtract_background = True
     # The patch tokens flattened, not averaged, and a predictor that learns the change from the last
     # latent, trained on detached latents the heads do not pull on (docs/breakout_world_model.md: on
     # Breakout after 3,000 updates, ball x / y probes 0.77 / 0.93 against 0.57 / 0.44 for the mean, and

@@ -157,7 +157,7 @@ class PlaySession:
         self.info.step_ms = 1000 * (time.perf_counter() - t0)
 
     def model_pixels(self, frame: np.ndarray) -> np.ndarray:
-        """A real frame as the model sees it (after ``pixel_gain`` and ``pixel_gamma``), beside the imagined one."""
+        """A real frame as the model sees it (``WorldModel.to_float``), beside the imagined one."""
         return (self.wm.to_float(torch.from_numpy(frame)) * 255).round().byte().numpy()
 
     def state(self) -> dict:

@@ -63,7 +63,7 @@ def open_loop(
     sent: list[int] = []
     t_seg = 0
 
-    def model_pixels(frame: np.ndarray) -> np.ndarray:  # real frames as the model sees them (pixel_gain)
+    def model_pixels(frame: np.ndarray) -> np.ndarray:  # real frames as the model sees them (to_float)
         return (wm.to_float(torch.from_numpy(frame)) * 255).round().byte().numpy()
 
     if K == 1:  # the first frame is a whole context

@@ -294,9 +294,11 @@ def test_config_round_trip_keeps_the_representation_options() -> None:
     del old["world_model"]["standardize_decoder_input"], old["optim"]["encoder_hold_updates"]
     del old["world_model"]["pixel_gain"], old["world_model"]["loss"]["reward_sign_balance"]
     del old["world_model"]["loss"]["motion_map"], old["world_model"]["loss"]["motion_map_cells"]
+    del old["world_model"]["subtract_background"]
     # Runs written before the options load with them off (as they were trained), whatever the preset is now.
     expected = preset("cpu")
     expected.world_model.pixel_gain, expected.world_model.loss.motion_map = 1.0, 0.0
+    expected.world_model.subtract_background = False
     assert from_dict(old) == expected
 
 
@@ -308,6 +310,20 @@ def test_pixel_gain_brightens_model_pixels_and_clips_at_one() -> None:
     bright = WorldModel(cfg, num_actions=3).to_float(frames)
     assert torch.allclose(plain, frames.float() / 255)
     assert torch.allclose(bright, torch.tensor([[0.0, 120 / 255, 300 / 255, 1.0]]).clamp(max=1.0))
+
+
+def test_subtract_background_zeroes_the_field_and_keeps_a_black_one_unchanged() -> None:
+    cfg = small_cfg()
+    cfg.subtract_background, cfg.pixel_gain = True, 3.0
+    wm, plain = WorldModel(cfg, num_actions=3), WorldModel(small_cfg(), num_actions=3)
+    grey = torch.full((2, 3, 8, 8), 87, dtype=torch.uint8)  # [B, T, H, W], Pong's field
+    grey[0, 1, 2, 3], grey[1, 2, 5, 5] = 236, 50  # brighter and darker objects
+    x = wm.to_float(grey)
+    assert x.shape == grey.shape and float(x.sum()) == pytest.approx(1.0 + 3 * 37 / 255)
+    assert float(x[0, 1, 2, 3]) == 1.0 and float(x[1, 2, 5, 5]) == pytest.approx(3 * 37 / 255)
+    black = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    black[0, 0, 1, :] = 30  # a faint object on a black field: as without the option
+    assert torch.equal(wm.to_float(black), (plain.to_float(black) * 3).clamp(max=1.0))
 
 
 def test_pixel_gamma_brightens_faint_pixels_without_clipping() -> None:

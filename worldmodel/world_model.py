@@ -98,6 +98,11 @@ class WorldModelConfig:
     cpu-size encoder), and a decoder reading them raw draws one average frame. Off: a whole Catch run
     with it (seed 0, cpu preset) ended near random (-0.52 against the default's 0.86)."""
 
+    subtract_background: bool = False
+    """Frames enter the model as ``|pixel - median of the frame|``, before ``pixel_gain``: the field's
+    colour becomes 0 and every object stands out from it. Breakout's and Catch's fields are black (the
+    median is 0 on every frame, so nothing changes); Pong's is grey (87), which ``pixel_gain`` 3 turned,
+    with everything on it, into 1.0."""
     pixel_gain: float = 1.0
     """Frames enter the model (encoder input and reconstruction targets alike) as
     ``min(1, gain * pixel / 255)``. Above 1 it brightens faint objects: Breakout's ball, area-resized
@@ -263,8 +268,12 @@ class WorldModel(nn.Module):
         self.decoder_input_norm = RunningStandardizer(E, eps=1e-8)
 
     def to_float(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames -> the model's pixels in [0, 1] (see ``pixel_gain`` and ``pixel_gamma``)."""
-        x = frames.float() / 255.0
+        """uint8 frames ``[..., H, W]`` -> the model's pixels in [0, 1] (see ``subtract_background``,
+        ``pixel_gain`` and ``pixel_gamma``)."""
+        x = frames.float()
+        if self.cfg.subtract_background:
+            x = (x - x.flatten(-2).median(dim=-1).values[..., None, None]).abs()
+        x = x / 255.0
         if self.cfg.pixel_gain != 1.0:
             x = (x * self.cfg.pixel_gain).clamp(max=1.0)
         return x if self.cfg.pixel_gamma == 1.0 else x.pow(self.cfg.pixel_gamma)
