@@ -159,3 +159,17 @@ def test_paddle_table_shows_each_depth() -> None:
     assert [c.header for c in table.columns] == ["life lost within", "10 steps", "18 steps"]
     assert list(table.columns[2].cells) == ["0.50 / 0.20", "0.50 / 0.20", "0.25 (3)"]
     assert list(table.columns[1].cells)[2] == "-"
+
+
+def test_subtract_background_is_the_identity_on_breakout_and_clears_pongs_field(breakout_rollout) -> None:
+    with_it = preset("cpu").world_model
+    without = preset("cpu").world_model
+    without.subtract_background = False
+    frames = torch.from_numpy(breakout_rollout.frames)  # (S, N, 64, 64), a black field
+    assert torch.equal(WorldModel(with_it, num_actions=4).to_float(frames), WorldModel(without, 4).to_float(frames))
+    pong = torch.from_numpy(annotated_rollout("ALE/Pong-v5", steps=40, num_envs=2, seed=0).frames)
+    plain = WorldModel(without, num_actions=6).to_float(pong)
+    assert float((plain == 1.0).float().mean()) > 0.99  # gain 3 saturates the grey field and what is on it
+    x = WorldModel(with_it, num_actions=6).to_float(pong)
+    field = (x == 0).float().mean(dim=(-2, -1))
+    assert float(field.min()) > 0.7 and float((x > 0.5).float().mean()) > 0.05  # objects stand out
