@@ -31,6 +31,7 @@ import torch
 
 from agent.actor import RealEnvActor
 from agent.dyna import LoadedAgent
+from agent.watch import model_pixels
 from envs import make_env
 
 KEYS = ("left", "right", "up", "down", "fire")
@@ -156,13 +157,9 @@ class PlaySession:
         self.info.steps_since_sync += 1
         self.info.step_ms = 1000 * (time.perf_counter() - t0)
 
-    def model_pixels(self, frame: np.ndarray) -> np.ndarray:
-        """A real frame as the model sees it (``WorldModel.to_float``), beside the imagined one."""
-        return (self.wm.to_float(torch.from_numpy(frame)) * 255).round().byte().numpy()
-
     def state(self) -> dict:
         return {
-            "real": png_base64(self.model_pixels(self.real_frame)),
+            "real": png_base64(model_pixels(self.wm, self.real_frame)),
             "imagined": png_base64(self.imagined_frame),
             **self.info.__dict__,
         }

@@ -16,6 +16,7 @@ import torch
 from agent.actor import RealEnvActor
 from agent.dyna import LoadedAgent
 from envs import make_env
+from worldmodel.world_model import WorldModel
 
 
 @dataclass
@@ -63,9 +64,6 @@ def open_loop(
     sent: list[int] = []
     t_seg = 0
 
-    def model_pixels(frame: np.ndarray) -> np.ndarray:  # real frames as the model sees them (to_float)
-        return (wm.to_float(torch.from_numpy(frame)) * 255).round().byte().numpy()
-
     if K == 1:  # the first frame is a whole context
         window = wm.encode(torch.from_numpy(obs[:1])[None].to(device))
         starts.append(0)
@@ -83,9 +81,9 @@ def open_loop(
             window = torch.cat([window[:, 1:], pred.latent], dim=1)
             frame = wm.decode(pred.latent[:, 0])[0].clamp(0, 1)
             t_seg += 1
-            rows["real"].append(model_pixels(nxt[0]))
+            rows["real"].append(model_pixels(wm, nxt[0]))
             rows["imag"].append((frame * 255).round().byte().cpu().numpy())
-            rows["last"].append(model_pixels(context[-1]))
+            rows["last"].append(model_pixels(wm, context[-1]))
             rows["r"].append(float(rew[0]))
             rows["r_hat"].append(float(pred.reward[0]))
             rows["c_hat"].append(float(pred.cont[0]))
@@ -113,6 +111,12 @@ def open_loop(
         env_actions=np.array(sent),
         segment_starts=starts,
     )
+
+
+def model_pixels(wm: WorldModel, frame: np.ndarray) -> np.ndarray:
+    """A real uint8 frame ``[H, W]`` as the model sees it (``WorldModel.to_float``), as uint8, to show
+    beside imagined frames."""
+    return (wm.to_float(torch.from_numpy(frame)) * 255).round().byte().numpy()
 
 
 def _round_up(n: int, m: int = 16) -> int:
