@@ -125,7 +125,9 @@ def world_model_speed(
             np.array([t == 0]),
         )
     batch = buf.sample(B, L, rng, device)
-    head_batch = buf.sample(cfg.head_batch_size, 2, rng, device) if cfg.head_batch_size > 0 else None
+    head_batch = (
+        buf.sample(cfg.head_batch_size, 2 * wm.cfg.reward.window, rng, device) if cfg.head_batch_size > 0 else None
+    )
     with FlopCounterMode(display=False) as counter:  # eager forward + backward: the FLOPs one update needs
         wm.loss_and_latents(batch, head_batch)[0].backward()
     flops = counter.get_total_flops()

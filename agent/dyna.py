@@ -155,19 +155,22 @@ def sample_world_model_batches(
     replay: ReplayBuffer, cfg: TrainConfig, rng: np.random.Generator, device: torch.device
 ) -> tuple[Batch, Batch | None, Batch | None]:
     """One world-model update's batches, drawn in this order: the main ``K + P``-frame batch (rewarded
-    sequences oversampled), the heads' extra real pairs and the predictor's extra sequences (each
-    ``None`` when its size is 0). The Dyna loop and ``bench world-model`` both train from these."""
-    L = cfg.world_model.seq_len
+    sequences oversampled), the heads' extra real transitions (``2W`` frames: the last ``W`` transitions
+    with the ``W = reward.window`` latents before each, a reward or end among them where oversampled)
+    and the predictor's extra sequences (each ``None`` when its size is 0). The Dyna loop and ``bench
+    world-model`` both train from these."""
+    L, W = cfg.world_model.seq_len, cfg.world_model.reward.window
     batch = replay.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
     head = None
     if cfg.head_batch_size > 0:
         head = replay.sample(
             cfg.head_batch_size,
-            2,
+            2 * W,
             rng,
             device,
             rewarded_fraction=cfg.head_rewarded_fraction,
             ended_fraction=cfg.head_ended_fraction,
+            event_span=W,
         )
     dyn = None
     if cfg.dynamics_batch_size > 0:

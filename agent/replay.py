@@ -113,12 +113,14 @@ class ReplayBuffer:
         device: torch.device | str = "cpu",
         rewarded_fraction: float = 0.0,
         ended_fraction: float = 0.0,
+        event_span: int | None = None,
     ) -> Batch:
         """``batch_size`` sequences of ``seq_len`` frames (``seq_len - 1`` transitions) from single episodes.
 
         ``rewarded_fraction`` of the batch (when available) is drawn from sequences with a non-zero
         reward, so that a sparse reward head sees rewards often enough to learn them, and
-        ``ended_fraction`` from sequences where a life or the game ends, for the continue head.
+        ``ended_fraction`` from sequences where a life or the game ends, for the continue head; with
+        ``event_span`` only a reward or end among the last ``event_span`` transitions counts.
         """
         if seq_len < 2:
             raise ReplayError(f"sequence length must be at least 2 frames, got {seq_len}")
@@ -143,7 +145,9 @@ class ReplayBuffer:
             idx, envs = idx[ok], envs[ok]
             for kind in need:
                 if need[kind] > 0:
-                    hit = self._has_event(kind, idx[:, :-1], envs[:, None]).any(axis=1)
+                    hit = self._has_event(kind, idx[:, -1 - (event_span or seq_len - 1) : -1], envs[:, None]).any(
+                        axis=1
+                    )
                     take = np.flatnonzero(hit)[: need[kind]]
                     chosen_idx.append(idx[take])
                     chosen_env.append(envs[take])

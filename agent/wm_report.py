@@ -321,7 +321,7 @@ def imagined_life_lost(
             cont = pred.cont.float()
         else:
             nxt = wm.predictor(real_window, a)[:, 0] if mode == "one_step" else z[:, t + K]
-            cont = torch.sigmoid(wm.calibrated_heads(real_window[:, -1], nxt)[1].float())
+            cont = torch.sigmoid(wm.calibrated_heads(*wm.head_inputs(real_window, nxt))[1].float())
         alive = alive * cont
         out.append(1 - alive)
     return torch.stack(out, 1).cpu().numpy()

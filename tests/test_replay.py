@@ -84,6 +84,20 @@ def test_ended_fraction_oversamples_life_losses_apart_from_rewards() -> None:
     assert torch.equal(a1.frames, a2.frames)
 
 
+def test_event_span_counts_only_rewards_among_the_last_transitions() -> None:
+    """The heads' batch of a window-W head trains on its last W transitions: a reward earlier in the
+    sequence must not count as an oversampled reward."""
+    buf = ReplayBuffer(capacity=4 * 400, num_envs=4)
+    scripted_fill(buf, 400, 4, episode_len=20)
+    buf.rewards[:] = 0.0
+    buf.rewards[::7] = 1.0  # rewards inside episodes, not only on their last transitions
+    rng = np.random.default_rng(0)
+    b = buf.sample(128, 6, rng, rewarded_fraction=1.0, event_span=3)
+    assert torch.all((b.rewards[:, -3:] != 0).any(dim=1))
+    anywhere = buf.sample(128, 6, rng, rewarded_fraction=1.0)
+    assert (anywhere.rewards[:, :2] != 0).any(dim=1).float().mean() > 0.2  # without it, earlier ones count
+
+
 def test_sample_ending_with_draws_windows_whose_last_transition_is_the_event() -> None:
     buf = ReplayBuffer(capacity=3 * 60, num_envs=3)
     scripted_fill(buf, 130, 3, episode_len=9)  # wrapped: only the last 60 steps remain

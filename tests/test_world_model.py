@@ -186,13 +186,16 @@ def test_base_rates_calibrate_balanced_heads() -> None:
     assert abs(float(torch.sigmoid(cont_logit)) - 0.98) < 1e-4  # continuing is 98% of real transitions
 
 
-def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -> None:
+@pytest.mark.parametrize("head_window", [1, 3])
+def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay, head_window) -> None:
     """After ``calibrate_heads`` the calibrated heads, over the imagined steps run from the same real
     context under the same actions, predict a reward and an end as often on average as asked, whatever
     the untrained heads said; the heads' input statistics are not touched, and the shifts survive a
     state-dict round trip."""
     torch.manual_seed(0)
-    wm = WorldModel(small_cfg(), num_actions=3)
+    cfg = small_cfg()
+    cfg.reward.window = head_window
+    wm = WorldModel(cfg, num_actions=3)
     K, D = wm.cfg.context, 2
     batch = catch_replay.sample(32, K + D, np.random.default_rng(0))
     norm_before = {k: v.clone() for k, v in wm.head_input_norm.state_dict().items()}
@@ -207,7 +210,7 @@ def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -
             window = env.window
             with torch.no_grad():
                 z_next = wm.predictor(window, batch.actions[:, K - 1 + d])
-                rew_logits, cont_logit = wm.calibrated_heads(window[:, -1], z_next[:, 0])
+                rew_logits, cont_logit = wm.calibrated_heads(*wm.head_inputs(window, z_next[:, 0]))
             p_reward.append(1 - rew_logits.softmax(-1)[:, wm.zero_bin])
             p_end.append(1 - torch.sigmoid(cont_logit))
             env.step(batch.actions[:, K - 1 + d])
@@ -215,7 +218,7 @@ def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay) -
         assert float(torch.cat(p_end).mean()) == pytest.approx(ended, rel=1e-3)
     for k, v in wm.head_input_norm.state_dict().items():
         assert torch.equal(v, norm_before[k])
-    again = WorldModel(small_cfg(), num_actions=3)
+    again = WorldModel(cfg, num_actions=3)
     again.load_state_dict_compat(wm.state_dict())
     assert torch.equal(again.head_shifts, wm.head_shifts)
 
@@ -447,3 +450,37 @@ def test_normalized_latent_losses_are_in_units_of_the_targets_variance(catch_rep
     var = z[:, K:].var(dim=(0, 1)).mean()
     torch.testing.assert_close(normed.latent_loss, plain.latent_loss / var)
     torch.testing.assert_close(normed.open_loop_loss, plain.open_loop_loss / var)
+
+
+def test_heads_reading_a_window_train_and_imagine(catch_replay) -> None:
+    """With ``reward.window`` W the heads read the W latents up to a transition: the loss (head batch of
+    2W frames included) reaches every parameter, imagination runs, and the continue probability of a
+    transition depends on the oldest latent of the window, which the pair-reading heads never see."""
+    from agent.dyna import sample_world_model_batches
+
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    K = cfg.world_model.context
+    cfg.world_model.reward.window = K
+    wm = WorldModel(cfg.world_model, num_actions=3)
+    batch, head_batch, _ = sample_world_model_batches(catch_replay, cfg, np.random.default_rng(0), "cpu")
+    assert head_batch is not None and head_batch.frames.shape[1] == 2 * K
+    loss, _ = wm.compute_loss(batch, head_batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in wm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    window = wm.encode(batch.frames[:2, :K]).detach()
+    pred = wm.imagine_step(window, torch.zeros(2, dtype=torch.long))
+    assert pred.latent.shape == (2, 1, window.shape[-1]) and pred.cont.shape == pred.reward.shape == (2,)
+    older = window.clone()
+    older[:, 0] = torch.randn_like(older[:, 0])
+    z_next = pred.latent[:, 0]
+    cont = lambda m, w: m.calibrated_heads(*m.head_inputs(w, z_next))[1]  # noqa: E731
+    assert not torch.allclose(cont(wm, window), cont(wm, older))
+    pair = WorldModel(small_cfg(), num_actions=3)
+    torch.testing.assert_close(cont(pair, window), cont(pair, older))
+    cfg.world_model.reward.window = K + 1
+    with pytest.raises(ValueError, match="reward.window"):
+        WorldModel(cfg.world_model, num_actions=3)

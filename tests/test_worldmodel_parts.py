@@ -222,3 +222,21 @@ def test_residual_predictor_starts_by_holding_the_last_latent() -> None:
     nn.init.normal_(predictor.head.weight, std=0.02)  # as after a first update
     _assert_grads_reach_every_parameter(predictor, predictor(z, torch.arange(3)).pow(2).mean())
     assert not torch.allclose(predictor(z, actions), z[:, -1:])
+
+
+def test_reward_predictor_window_reads_the_order_of_its_latents() -> None:
+    """ARCHITECTURE.md's head reads sequences without order: attention over a shuffled window gives the
+    same answer. With ``window`` each position has its own embedding, so it can tell when something
+    happened (on Breakout the ball vanishes 3-6 frames before a lost life)."""
+    B, T, E = 3, 4, 32
+    z_t, z_next = torch.randn(B, T, E), torch.randn(B, T, E)
+    flip = lambda z: z.flip(1)  # noqa: E731
+    plain = RewardPredictor(RewardConfig(embed_dim=E, hidden_dim=32, num_heads=2))
+    torch.testing.assert_close(plain(z_t, z_next), plain(flip(z_t), flip(z_next)))
+    head = RewardPredictor(RewardConfig(embed_dim=E, hidden_dim=32, num_heads=2, out_dim=5, window=T))
+    out = head(z_t, z_next)
+    assert out.shape == (B, 1, 5)
+    assert not torch.allclose(out, head(flip(z_t), flip(z_next)), atol=1e-4)
+    _assert_grads_reach_every_parameter(head, out.pow(2).mean())
+    with pytest.raises(ValueError, match="window"):
+        head(z_t[:, 1:], z_next[:, 1:])

@@ -22,6 +22,10 @@ class RewardConfig:
     out_dim: int = 1
     """Outputs per transition: 1 for a scalar (reward or a continue logit), more for e.g. two-hot
     reward-bin logits."""
+    window: int = 1
+    """Latents per input sequence (``T``). Above 1 each of the ``T`` positions gets a learned embedding,
+    so the head can tell when in the window something happened (ARCHITECTURE.md allows sequences but
+    gives them no order)."""
 
 
 class RewardPredictor(nn.Module):
@@ -37,16 +41,22 @@ class RewardPredictor(nn.Module):
         # Shared projection for both inputs; this 2-entry embedding (0 = before, 1 = after) lets the
         # head tell z_t's tokens from z_next's.
         self.which_input = nn.Embedding(2, H)
+        self.time_embed = nn.Embedding(cfg.window, H) if cfg.window > 1 else None
         self.cls_token = nn.Parameter(torch.randn(1, 1, H) * 0.02)
         self.attn = nn.MultiheadAttention(H, cfg.num_heads, batch_first=True)
         self.norm = nn.LayerNorm(H)
         self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, cfg.out_dim))
 
     def forward(self, z_t: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
-        """``z_t [B, T, E]``, ``z_next [B, T, E]`` -> ``[B, 1, out_dim]``."""
+        """``z_t [B, T, E]``, ``z_next [B, T, E]`` (``T`` = 1, or ``window``: the latents up to ``t`` and up
+        to ``t + 1``) -> ``[B, 1, out_dim]``."""
         B, T, E = z_t.shape
         before = self.proj(z_t) + self.which_input.weight[0]  # (B, T, H)
         after = self.proj(z_next) + self.which_input.weight[1]  # (B, T, H)
+        if self.time_embed is not None:
+            if T != self.cfg.window:
+                raise ValueError(f"head of window {self.cfg.window} got sequences of {T} latents")
+            before, after = before + self.time_embed.weight, after + self.time_embed.weight
         cls = repeat(self.cls_token, "1 1 h -> b 1 h", b=B)
         seq = torch.cat([cls, before, after], dim=1)  # (B, 2T+1, H)
         out, _ = self.attn(cls, seq, seq, need_weights=False)  # (B, 1, H)

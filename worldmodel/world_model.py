@@ -157,6 +157,11 @@ class WorldModelConfig:
             raise ValueError(
                 f"`context` ({self.context}) exceeds `predictor.max_context` ({self.predictor.max_context})"
             )
+        if not 1 <= self.reward.window <= self.context:
+            raise ValueError(
+                f"`reward.window` (latents the reward and continue heads read) must be in 1..`context` "
+                f"({self.context}), got {self.reward.window}"
+            )
 
 
 Term = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -293,9 +298,19 @@ class WorldModel(nn.Module):
         return self.decoder(z.unsqueeze(1))[:, 0, 0]
 
     def heads(self, z_t: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reward logits ``[B, bins]`` and continue logits ``[B]`` of transitions ``z_t -> z_next`` ``[B, E]``."""
-        a, b = self.head_input_norm(z_t).unsqueeze(1), self.head_input_norm(z_next).unsqueeze(1)
+        """Reward logits ``[B, bins]`` and continue logits ``[B]`` of transitions ``z_t -> z_next``: latents
+        ``[B, E]``, or with ``reward.window`` W > 1 the W latents up to each ``[B, W, E]`` (see
+        :meth:`head_inputs`)."""
+        if z_t.dim() == 2:
+            z_t, z_next = z_t.unsqueeze(1), z_next.unsqueeze(1)
+        a, b = self.head_input_norm(z_t), self.head_input_norm(z_next)
         return self.reward_head(a, b)[:, 0], self.cont_head(a, b)[:, 0, 0]
+
+    def head_inputs(self, window: torch.Tensor, z_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the heads read of the transition from the last latent of ``window [B, T, E]`` to ``z_next
+        [B, E]``: the ``W = reward.window`` latents up to it and up to ``z_next``, ``[B, W, E]`` each."""
+        W = self.cfg.reward.window
+        return window[:, -W:], torch.cat([window[:, window.shape[1] - W + 1 :], z_next.unsqueeze(1)], dim=1)
 
     @staticmethod
     def windows(latents: torch.Tensor, size: int) -> torch.Tensor:
@@ -340,7 +355,7 @@ class WorldModel(nn.Module):
         rew, cont = [], []
         for a in actions[:, K - 1 :].unbind(1):
             z_next = self.predictor(window, a)  # (B, 1, E)
-            r, c = self.heads(window[:, -1], z_next[:, 0])
+            r, c = self.heads(*self.head_inputs(window, z_next[:, 0]))
             rew.append(r.float())
             cont.append(c.float())
             window = torch.cat([window[:, 1:], z_next.to(window.dtype)], dim=1)
@@ -392,7 +407,7 @@ class WorldModel(nn.Module):
     def imagine_step(self, window: torch.Tensor, action: torch.Tensor) -> Prediction:
         """Latent window ``[B, K, E]`` and actions ``[B]`` -> the next latent, reward and continue probability."""
         z_next = self.predictor(window, action)  # (B, 1, E)
-        rew_logits, cont_logit = self.calibrated_heads(window[:, -1], z_next[:, 0])
+        rew_logits, cont_logit = self.calibrated_heads(*self.head_inputs(window, z_next[:, 0]))
         return Prediction(z_next, twohot_decode(rew_logits, self.reward_bins), torch.sigmoid(cont_logit))
 
     def compute_loss(
@@ -511,36 +526,46 @@ class WorldModel(nn.Module):
 
     def _head_losses(self, batch: Batch, z: torch.Tensor, dyn: Dynamics, head_batch: Batch | None) -> dict[str, Term]:
         """Class-balanced reward (two-hot) and continue losses of the heads on transitions ``z_t -> z_next``
-        of four kinds: the one-step predictions (what imagination gives them), every real pair of the
-        sequence (rewarded sequences are oversampled, and with only the last P pairs half of those rewards
-        never reached the heads), the open-loop pairs (deep into an imagined rollout) and the head batch's
-        real pairs (few rewarded pairs per main batch; these cost an encoder pass and no decoding)."""
+        (each read with the ``W = reward.window`` latents up to it, :meth:`head_inputs`) of four kinds: the
+        one-step predictions (what imagination gives them), every real transition of the sequence with W
+        latents before it (rewarded sequences are oversampled, and with only the last P pairs half of those
+        rewards never reached the heads), the open-loop ones (deep into an imagined rollout) and the head
+        batch's real ones (few rewarded pairs per main batch; these cost an encoder pass and no decoding)."""
         lc = self.cfg.loss
-        K, P = self.cfg.context, self.cfg.pred_steps
+        K, P, W = self.cfg.context, self.cfg.pred_steps, self.cfg.reward.window
         B, L = batch.frames.shape[:2]
         if self.training:
             self.head_input_norm.update(z)
         z_pred, z_open = dyn.z_pred, dyn.z_open
         if not lc.heads_shape_predictor:
             z_pred, z_open = z_pred.detach(), z_open.detach()
-        z_open_prev = torch.cat([z[:, K - 1 : K], z_open[:, :-1]], dim=1)  # (B, P, E)
-        last_p = lambda t: rearrange(t[:, K - 1 : K - 1 + P], "b p -> (b p)")  # noqa: E731
-        pairs = lambda t: rearrange(t, "b t ... -> (b t) ...")  # noqa: E731
-        head_from = [pairs(z[:, K - 1 : K - 1 + P]), pairs(z[:, :-1]), pairs(z_open_prev)]
-        head_to = [z_pred, pairs(z[:, 1:]), pairs(z_open)]
-        rewards = [last_p(batch.rewards), pairs(batch.rewards), last_p(batch.rewards)]
-        conts = [last_p(batch.continues), pairs(batch.continues), last_p(batch.continues)]
+
+        def spans(seq: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            """Every transition of ``seq [B, T, E]`` from ``first`` on with W latents before it: the W latents
+            up to it and up to its next latent, ``[N, W, E]`` each."""
+            w = self.windows(seq[:, first:], W + 1)
+            return w[:, :W], w[:, 1:]
+
+        one_from, one_to = spans(z, K - W)  # the real windows the one-step predictions read, and their targets
+        one_to = torch.cat([one_to[:, :-1], z_pred.unsqueeze(1)], dim=1)
+        real_from, real_to = spans(z)
+        open_from, open_to = spans(torch.cat([z[:, :K], z_open], dim=1), K - W)
+        labels = lambda t, first: rearrange(t[:, first:], "b t -> (b t)")  # noqa: E731
+        head_from, head_to = [one_from, real_from, open_from], [one_to, real_to, open_to]
+        rewards = [labels(batch.rewards, K - 1), labels(batch.rewards, W - 1), labels(batch.rewards, K - 1)]
+        conts = [labels(batch.continues, K - 1), labels(batch.continues, W - 1), labels(batch.continues, K - 1)]
         if head_batch is not None:
             with torch.no_grad():
                 z_h = self.encode(head_batch.frames)  # (B2, T2+1, E)
-            head_from.append(pairs(z_h[:, :-1]))
-            head_to.append(pairs(z_h[:, 1:]))
-            rewards.append(pairs(head_batch.rewards))
-            conts.append(pairs(head_batch.continues))
+            h_from, h_to = spans(z_h)
+            head_from.append(h_from)
+            head_to.append(h_to)
+            rewards.append(labels(head_batch.rewards, W - 1))
+            conts.append(labels(head_batch.continues, W - 1))
         rew_logits, cont_logit = self.heads(torch.cat(head_from), torch.cat(head_to))
         rew, cont = torch.cat(rewards), torch.cat(conts)
         # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:o+n], head-batch pairs after
-        n, o = B * P, B * P + B * (L - 1)
+        n, o = B * P, B * P + B * (L - W)
         real = torch.cat([torch.arange(n, o), torch.arange(o + n, len(rew))]).to(rew.device)
         train = slice(None) if lc.heads_on_predicted else real
         t_rew, t_cont, t_logits = rew[train], cont[train], rew_logits[train]

@@ -1,0 +1,144 @@
+"""How many latents must a continue head read to time a lost life? On Breakout the ball is not drawn
+on the 3-6 frames before a life is lost, so a head reading the transition pair cannot tell when.
+
+A saved ``bench world-model`` model (``DIR/world_model.pt``, rebuilt from the preset and flags in
+``DIR/world_model_check.json``) is frozen. For each window size W, a fresh MLP (2 x 256,
+class-balanced) reads the W latents ending at a transition's next frame (W = 2 is the pair that heads
+of ``reward.window`` 1 read; ``reward.window`` w reads w + 1 frames) and learns whether that
+transition loses a life, from 20k random-policy steps (seed 0); its logit is then shifted so that its
+mean probability on those steps equals their life-loss rate (as ``calibrate_heads`` does), and it is
+read on 10k held-out steps (seed 1). At depth d the last d latents of each window are the predictor's,
+run open loop under the real actions from real context (the heads of depth d learn on depth-d
+windows). Printed per W and d: AUC, the share of life losses flagged (p > 0.5, item 3's
+``life_loss_recall``) and of other steps flagged, and the mean probability on each; the same for a
+head of "this transition is rewarded" (its mean probability on rewarded steps is what a calibrated
+binary reward head pays of a reward).
+
+    python -m scripts.end_window runs/cand/K8_W8 --sizes 2 3 5 7 9
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent.config import parse_config, preset
+from agent.wm_report import encode_all, episode_windows
+from envs.annotations import annotated_rollout
+from worldmodel.world_model import WorldModel, fit_shift
+
+
+@torch.no_grad()
+def windows_at_depth(
+    wm: WorldModel, z: torch.Tensor, actions: np.ndarray, ends: np.ndarray, envs: np.ndarray, W: int, d: int
+) -> torch.Tensor:
+    """Standardized latents ``[M, W * E]`` of the W frames ending at frame ``ends`` of copy ``envs``, the last
+    ``d`` of them predicted open loop from the ``K`` real frames before them."""
+    K = wm.cfg.context
+    real = z[ends[:, None] - W + 1 + np.arange(W), envs[:, None]]  # (M, W, E)
+    if d > 0:
+        first = ends - d + 1  # first predicted frame
+        window = z[first[:, None] - K + np.arange(K), envs[:, None]]
+        pred = []
+        for j in range(d):
+            a = torch.as_tensor(actions[first - 1 + j, envs])
+            nz = wm.predictor(window, a)
+            pred.append(nz[:, 0])
+            window = torch.cat([window[:, 1:], nz], 1)
+        real = torch.cat([real[:, : W - d] if W > d else real[:, :0], torch.stack(pred, 1)[:, -W:]], 1)
+    return wm.head_input_norm(real).flatten(1)
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, steps: int = 3000):
+    """Class-balanced MLP; returns a function from inputs to logits."""
+    torch.manual_seed(0)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+    opt = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-4)
+    pos, neg = torch.nonzero(y > 0.5)[:, 0], torch.nonzero(y < 0.5)[:, 0]
+    for _ in range(steps):
+        idx = torch.cat([pos[torch.randint(len(pos), (128,))], neg[torch.randint(len(neg), (128,))]])
+        loss = F.binary_cross_entropy_with_logits(net((x[idx] - mu) / sd)[:, 0], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda q: net((q - mu) / sd)[:, 0].detach()
+
+
+def auc(score: np.ndarray, y: np.ndarray) -> float:
+    y = np.asarray(y, bool)
+    ranks = np.empty(len(score))
+    ranks[np.argsort(score)] = np.arange(1, len(score) + 1)
+    npos, nneg = y.sum(), (~y).sum()
+    return float((ranks[y].sum() - npos * (npos + 1) / 2) / max(npos * nneg, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 5, 7, 9])
+    parser.add_argument("--depths", type=int, nargs="+", default=[0, 1, 4])
+    parser.add_argument("--train-steps", type=int, default=20_000)
+    parser.add_argument("--test-steps", type=int, default=10_000)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    check = json.loads((args.model_dir / "world_model_check.json").read_text())
+    cfg = parse_config(check["overrides"], preset(check["preset"] or "cpu"), "the bench's flags")
+    K = cfg.world_model.context
+    wm = WorldModel(cfg.world_model, 4)
+    wm.load_state_dict_compat(torch.load(args.model_dir / "world_model.pt", weights_only=True)["world_model"])
+    wm.eval()
+    t0 = time.time()
+    tr = annotated_rollout("ALE/Breakout-v5", args.train_steps, 8, 0)
+    te = annotated_rollout("ALE/Breakout-v5", args.test_steps, 8, 1)
+    z_tr, z_te = encode_all(wm, tr.frames), encode_all(wm, te.frames)
+    print("data", round(time.time() - t0), flush=True)
+    span = max(max(args.sizes), K + max(args.depths))
+    rows = []
+    for W in args.sizes:
+        for d in args.depths:
+            data = {}
+            for name, ro, z in (("train", tr, z_tr), ("test", te, z_te)):
+                s, e = episode_windows(ro.is_first, span + 1, 0, ro.is_first.shape[0])
+                ends = s + span  # the next frame of transition ends - 1
+                x = windows_at_depth(wm, z, ro.actions, ends, e, W, d)
+                labels = {
+                    "end": ro.life_loss[ends - 1, e] | ro.terminated[ends - 1, e],
+                    "reward": ro.rewards[ends - 1, e] != 0,
+                }
+                data[name] = x, {k: torch.as_tensor(v).float() for k, v in labels.items()}
+            for kind in ("end", "reward"):
+                (x, ys), (xt, yts) = data["train"], data["test"]
+                y, yt = ys[kind], yts[kind].numpy() > 0.5
+                head = fit(x, y)
+                logits = head(x)
+                shift = fit_shift(lambda sh, lg=logits: torch.sigmoid(lg - sh).mean(), float(y.mean()), decreasing=True)
+                p = torch.sigmoid(head(xt) - shift).numpy()
+                out = {
+                    "kind": kind,
+                    "window": W,
+                    "depth": d,
+                    "train_pos": int(y.sum()),
+                    "test_pos": int(yt.sum()),
+                    "shift": round(float(shift), 2),
+                    "auc": round(auc(p, yt), 3),
+                    "flagged": round(float((p[yt] > 0.5).mean()), 3),
+                    "flagged_else": round(float((p[~yt] > 0.5).mean()), 4),
+                    "mean_p": round(float(p[yt].mean()), 3),
+                    "mean_p_else": round(float(p[~yt].mean()), 4),
+                }
+                rows.append(out)
+                print(json.dumps(out), round(time.time() - t0), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
