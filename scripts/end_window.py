@@ -54,6 +54,18 @@ def windows_at_depth(
     return wm.head_input_norm(real).flatten(1)
 
 
+def hidden_before_ends(ro) -> dict[int, int]:
+    """How many frames up to the one a lost life (or the game) is played from show no ball in play
+    (RAM), counted back to the last one that does: ``{frames: how many ends}``."""
+    counts: dict[int, int] = {}
+    for step, env in zip(*np.nonzero(ro.life_loss | ro.terminated), strict=True):
+        k = 0
+        while step - k >= 0 and not ro.ball_in_play[step - k, env] and not (k > 0 and ro.is_first[step - k + 1, env]):
+            k += 1
+        counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def fit(x: torch.Tensor, y: torch.Tensor, steps: int = 3000):
     """Class-balanced MLP; returns a function from inputs to logits."""
     torch.manual_seed(0)
@@ -99,6 +111,7 @@ def main() -> None:
     te = annotated_rollout("ALE/Breakout-v5", args.test_steps, 8, 1)
     z_tr, z_te = encode_all(wm, tr.frames), encode_all(wm, te.frames)
     print("data", round(time.time() - t0), flush=True)
+    print(json.dumps({"hidden_frames_before_an_end": hidden_before_ends(te)}), flush=True)
     span = max(max(args.sizes), K + max(args.depths))
     rows = []
     for W in args.sizes:
