@@ -71,7 +71,8 @@ class TrainConfig:
     ~12 rewarded pairs per Catch batch and stayed near 0.5 accuracy on rewarded steps; at 0.5 it
     reached 0.7-0.8 (cpu preset, 3 seeds to ~21k env steps)."""
     head_batch_size: int = 64
-    """Extra real transitions (2-frame sequences, ``head_rewarded_fraction`` of them rewarded) per world-model
+    """Extra real sequences (of 2W frames for heads reading ``W = world_model.reward.window`` latents: 2 for
+    the pair; ``head_rewarded_fraction`` of them rewarded among their last W transitions) per world-model
     update for the reward and continue heads only: encoded without gradient, never decoded. 0 = none.
     On Catch (cpu preset, seeds 0 and 1) 64 raised the heads' early accuracy on rewarded steps and the
     last-100 return at 30k env steps from 0.18 / 0.82 to 0.86 / 0.88; a world-model update takes ~23% longer."""
