@@ -19,6 +19,7 @@ binary reward head pays of a reward).
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -27,9 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.config import parse_config, preset
-from agent.wm_report import encode_all, episode_windows
+from agent.config import TrainConfig, parse_config, preset
+from agent.dyna import sample_world_model_batches
+from agent.replay import ReplayBuffer
+from agent.wm_report import encode_all, episode_windows, replay_of
 from envs.annotations import annotated_rollout
+from worldmodel.reward_predictor import RewardConfig, RewardPredictor
 from worldmodel.world_model import WorldModel, fit_shift
 
 
@@ -66,20 +70,107 @@ def hidden_before_ends(ro) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def fit(x: torch.Tensor, y: torch.Tensor, steps: int = 3000):
-    """Class-balanced MLP; returns a function from inputs to logits."""
+class WindowHead(nn.Module):
+    """A ``RewardPredictor`` (one logit) on flattened windows ``[M, W * E]``: the first W - 1 latents are
+    the ones up to the transition, the last W - 1 the ones up to its next latent (``reward.window`` W - 1)."""
+
+    def __init__(self, cfg: RewardConfig, W: int) -> None:
+        super().__init__()
+        self.W, self.net = W, RewardPredictor(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.view(len(x), self.W, -1)
+        return self.net(w[:, :-1], w[:, 1:])[:, 0]
+
+
+def make_head(form: str, reward: RewardConfig, W: int, E: int) -> nn.Module:
+    """``mlp``: 2 x 256 on the flattened window; ``cls``: the world model's own head form (``reward``);
+    ``cls_wide``: ``cls`` at width E with 4 attention heads."""
+    if form == "mlp":
+        return nn.Sequential(nn.Linear(W * E, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+    sizes = {"cls": {}, "cls_wide": {"hidden_dim": E, "num_heads": 4}}[form]
+    return WindowHead(RewardConfig(**{**vars(reward), "out_dim": 1, "window": W - 1, **sizes}), W)
+
+
+def trained_head(wm: WorldModel, kind: str, W: int):
+    """The world model's own head as a function from standardized windows ``[M, W * E]`` (W must be
+    ``reward.window`` + 1) to the logit of an end, or of a non-zero reward, before any calibration shift."""
+    if W != wm.cfg.reward.window + 1:
+        raise SystemExit(f"--heads online reads the model's own window: --sizes {wm.cfg.reward.window + 1}")
+
+    @torch.no_grad()
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for c in x.split(4096):
+            w = c.view(len(c), W, -1)
+            if kind == "end":
+                out.append(-wm.cont_head(w[:, :-1], w[:, 1:])[:, 0, 0])
+            else:
+                p_none = wm.reward_head(w[:, :-1], w[:, 1:])[:, 0].log_softmax(-1)[:, wm.zero_bin]
+                out.append(torch.log1p(-p_none.exp().clamp(max=1 - 1e-6)) - p_none)
+        return torch.cat(out)
+
+    return logits
+
+
+def retrain_heads(wm: WorldModel, cfg: TrainConfig, replay: ReplayBuffer, updates: int) -> float:
+    """Fresh reward and continue heads, trained as a run trains them (its batches, its head losses,
+    AdamW at its learning rate) for ``updates`` updates on the frozen encoder's and predictor's latents:
+    what the heads learn when the latents stand still. Returns the seconds it took."""
     torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    wm.reward_head = RewardPredictor(wm.reward_head.cfg)
+    wm.cont_head = RewardPredictor(wm.cont_head.cfg)
+    params = [*wm.reward_head.parameters(), *wm.cont_head.parameters()]
+    o = cfg.optim
+    opt = torch.optim.AdamW(params, o.lr, weight_decay=o.weight_decay, eps=o.eps)
+    lc, t0 = wm.cfg.loss, time.time()
+    for u in range(updates):
+        batch, head_batch, _ = sample_world_model_batches(replay, cfg, rng, torch.device("cpu"))
+        with torch.no_grad():
+            z = wm.encode(batch.frames)
+            dyn = wm._predict(z, batch.actions, None)
+        terms = wm._head_losses(batch, z, dyn, head_batch)
+        loss = lc.reward * terms["reward"][0] + lc.cont * terms["cont"][0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if u % 500 == 0:
+            print(f"retrain {u}/{updates} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+    return time.time() - t0
+
+
+def fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    net: nn.Module | None = None,
+    steps: int = 3000,
+    seed: int | None = 0,
+    positives: int = 128,
+):
+    """Class-balanced binary classifier ``net`` (default: an MLP, 2 x 256) on standardized inputs
+    ``x [N, D]``, labels ``y [N]``, ``positives`` and 128 negatives a step; returns a function from
+    inputs to logits (tensors)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+    if net is None:
+        net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
     opt = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-4)
     pos, neg = torch.nonzero(y > 0.5)[:, 0], torch.nonzero(y < 0.5)[:, 0]
     for _ in range(steps):
-        idx = torch.cat([pos[torch.randint(len(pos), (128,))], neg[torch.randint(len(neg), (128,))]])
+        idx = torch.cat([pos[torch.randint(len(pos), (positives,))], neg[torch.randint(len(neg), (128,))]])
         loss = F.binary_cross_entropy_with_logits(net((x[idx] - mu) / sd)[:, 0], y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return lambda q: net((q - mu) / sd)[:, 0].detach()
+    net.eval()
+
+    @torch.no_grad()
+    def logits(q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net((c - mu) / sd)[:, 0] for c in q.split(4096)])
+
+    return logits
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -95,13 +186,28 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 5, 7, 9])
     parser.add_argument("--depths", type=int, nargs="+", default=[0, 1, 4])
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        default=["mlp"],
+        choices=["mlp", "cls", "cls_wide", "online"],
+        help="online: the model's own heads as trained (no fit; calibrated the same way), or as retrained "
+        "with --retrain-updates",
+    )
+    parser.add_argument("--kinds", nargs="+", default=["end", "reward"], choices=["end", "reward"])
+    parser.add_argument("--positives", type=int, default=128, help="positive examples per step of a fitted head")
+    parser.add_argument(
+        "--retrain-updates", type=int, default=0, help="first retrain the model's heads this many updates"
+    )
+    parser.add_argument("--train-flags", default="", help="flags of the retraining run, e.g. '--head-batch-size 16'")
     parser.add_argument("--train-steps", type=int, default=20_000)
     parser.add_argument("--test-steps", type=int, default=10_000)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     check = json.loads((args.model_dir / "world_model_check.json").read_text())
-    cfg = parse_config(check["overrides"], preset(check["preset"] or "cpu"), "the bench's flags")
+    overrides = check["overrides"] + shlex.split(args.train_flags)
+    cfg = parse_config(overrides, preset(check["preset"] or "cpu"), "the bench's flags")
     K = cfg.world_model.context
     wm = WorldModel(cfg.world_model, 4)
     wm.load_state_dict_compat(torch.load(args.model_dir / "world_model.pt", weights_only=True)["world_model"])
@@ -111,6 +217,9 @@ def main() -> None:
     te = annotated_rollout("ALE/Breakout-v5", args.test_steps, 8, 1)
     z_tr, z_te = encode_all(wm, tr.frames), encode_all(wm, te.frames)
     print("data", round(time.time() - t0), flush=True)
+    if args.retrain_updates:
+        print("retrained heads", round(retrain_heads(wm, cfg, replay_of(tr), args.retrain_updates)), flush=True)
+        wm.eval()
     print(json.dumps({"hidden_frames_before_an_end": hidden_before_ends(te)}), flush=True)
     span = max(max(args.sizes), K + max(args.depths))
     rows = []
@@ -126,15 +235,22 @@ def main() -> None:
                     "reward": ro.rewards[ends - 1, e] != 0,
                 }
                 data[name] = x, {k: torch.as_tensor(v).float() for k, v in labels.items()}
-            for kind in ("end", "reward"):
+            for kind, form in ((k, f) for k in args.kinds for f in args.heads):
                 (x, ys), (xt, yts) = data["train"], data["test"]
                 y, yt = ys[kind], yts[kind].numpy() > 0.5
-                head = fit(x, y)
+                torch.manual_seed(0)
+                if form == "online":
+                    head = trained_head(wm, kind, W)
+                else:
+                    net = make_head(form, cfg.world_model.reward, W, x.shape[1] // W)
+                    head = fit(x, y, net, seed=None, positives=args.positives)
                 logits = head(x)
                 shift = fit_shift(lambda sh, lg=logits: torch.sigmoid(lg - sh).mean(), float(y.mean()), decreasing=True)
                 p = torch.sigmoid(head(xt) - shift).numpy()
                 out = {
                     "kind": kind,
+                    "head": form,
+                    "positives": args.positives,
                     "window": W,
                     "depth": d,
                     "train_pos": int(y.sum()),

@@ -15,13 +15,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from agent.config import preset
 from agent.replay import random_replay
 from agent.wm_report import encode_all, episode_windows
 from envs.annotations import annotated_rollout
+from scripts.end_window import auc, fit
 from worldmodel.world_model import WorldModel
 
 
@@ -90,29 +89,8 @@ def main() -> None:
         flush=True,
     )
 
-    def fit(x, y, steps=3000):
-        mu, sd = x.mean(0), x.std(0) + 1e-6
-        net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
-        opt = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-4)
-        pos, neg = torch.nonzero(y > 0.5)[:, 0], torch.nonzero(y < 0.5)[:, 0]
-        for _ in range(steps):
-            idx = torch.cat([pos[torch.randint(len(pos), (128,))], neg[torch.randint(len(neg), (128,))]])
-            loss = F.binary_cross_entropy_with_logits(net((x[idx] - mu) / sd)[:, 0], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return lambda q: net((q - mu) / sd)[:, 0].detach().numpy()
-
-    def auc(score, y):
-        y = np.asarray(y, bool)
-        order = np.argsort(score)
-        ranks = np.empty(len(score))
-        ranks[order] = np.arange(1, len(score) + 1)
-        npos, nneg = y.sum(), (~y).sum()
-        return float((ranks[y].sum() - npos * (npos + 1) / 2) / max(npos * nneg, 1))
-
     heads = {
-        (kind, inp): fit(x, y)
+        (kind, inp): fit(x, y, seed=None)
         for kind, y in (("reward", y_rew), ("end", y_end))
         for inp, x in (("pair", pair_tr), ("hidden", hid_tr), ("both", torch.cat([pair_tr, hid_tr], -1)))
     }
@@ -124,7 +102,7 @@ def main() -> None:
         lr, le = label(te_r, s, e, d) != 0, label(te_end, s, e, d)
         out = {"depth": d, "windows": len(s), "rewarded": int(lr.sum()), "ended": int(le.sum())}
         for (kind, inp), f in heads.items():
-            out[f"{kind}_auc_{inp}"] = round(auc(f(x[inp]), lr if kind == "reward" else le), 3)
+            out[f"{kind}_auc_{inp}"] = round(auc(f(x[inp]).numpy(), lr if kind == "reward" else le), 3)
         print(json.dumps(out), flush=True)
 
 
