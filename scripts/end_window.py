@@ -14,7 +14,14 @@ windows). Printed per W and d: AUC, the share of life losses flagged (p > 0.5, i
 head of "this transition is rewarded" (its mean probability on rewarded steps is what a calibrated
 binary reward head pays of a reward).
 
+``--heads`` picks the fitted head's form (``mlp``; ``cls``, the model's own ``RewardPredictor`` form;
+``cls_wide``) or ``online``: the model's own trained heads, read with their window (``--sizes`` =
+``reward.window`` + 1), first retrained on the frozen latents as a run trains them when
+``--retrain-updates`` is given (the run's batches, with ``--train-flags`` added to the bench's flags).
+
     python -m scripts.end_window runs/cand/K8_W8 --sizes 2 3 5 7 9
+    python -m scripts.end_window runs/cand/K8_W8 --sizes 9 --depths 1 4 --heads online --retrain-updates 3000 \
+        --train-flags "--head-batch-size 16 --head-rewarded-fraction 0.5 --head-ended-fraction 0.5"
 """
 
 import argparse
