@@ -90,11 +90,16 @@ class WindowHead(nn.Module):
         return self.net(w[:, :-1], w[:, 1:])[:, 0]
 
 
+def mlp(d_in: int) -> nn.Module:
+    """2 x 256 GELU MLP with one logit."""
+    return nn.Sequential(nn.Linear(d_in, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+
+
 def make_head(form: str, reward: RewardConfig, W: int, E: int) -> nn.Module:
     """``mlp``: 2 x 256 on the flattened window; ``cls``: the world model's own head form (``reward``);
     ``cls_wide``: ``cls`` at width E with 4 attention heads."""
     if form == "mlp":
-        return nn.Sequential(nn.Linear(W * E, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+        return mlp(W * E)
     sizes = {"cls": {}, "cls_wide": {"hidden_dim": E, "num_heads": 4}}[form]
     return WindowHead(RewardConfig(**{**vars(reward), "out_dim": 1, "window": W - 1, **sizes}), W)
 
@@ -152,17 +157,14 @@ def fit(
     y: torch.Tensor,
     net: nn.Module | None = None,
     steps: int = 3000,
-    seed: int | None = 0,
     positives: int = 128,
 ):
-    """Class-balanced binary classifier ``net`` (default: an MLP, 2 x 256) on standardized inputs
-    ``x [N, D]``, labels ``y [N]``, ``positives`` and 128 negatives a step; returns a function from
-    inputs to logits (tensors)."""
-    if seed is not None:
-        torch.manual_seed(seed)
+    """Class-balanced binary classifier ``net`` (default: :func:`mlp`) on standardized inputs ``x [N, D]``,
+    labels ``y [N]``, ``positives`` and 128 negatives a step, drawn from torch's global generator; returns
+    a function from inputs to logits (tensors)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
     if net is None:
-        net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+        net = mlp(x.shape[1])
     opt = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-4)
     pos, neg = torch.nonzero(y > 0.5)[:, 0], torch.nonzero(y < 0.5)[:, 0]
     for _ in range(steps):
@@ -250,7 +252,7 @@ def main() -> None:
                     head = trained_head(wm, kind, W)
                 else:
                     net = make_head(form, cfg.world_model.reward, W, x.shape[1] // W)
-                    head = fit(x, y, net, seed=None, positives=args.positives)
+                    head = fit(x, y, net, positives=args.positives)
                 logits = head(x)
                 shift = fit_shift(lambda sh, lg=logits: torch.sigmoid(lg - sh).mean(), float(y.mean()), decreasing=True)
                 p = torch.sigmoid(head(xt) - shift).numpy()

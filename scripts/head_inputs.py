@@ -90,7 +90,7 @@ def main() -> None:
     )
 
     heads = {
-        (kind, inp): fit(x, y, seed=None)
+        (kind, inp): fit(x, y)
         for kind, y in (("reward", y_rew), ("end", y_end))
         for inp, x in (("pair", pair_tr), ("hidden", hid_tr), ("both", torch.cat([pair_tr, hid_tr], -1)))
     }
