@@ -97,11 +97,21 @@ def mlp(d_in: int) -> nn.Module:
 
 def make_head(form: str, reward: RewardConfig, W: int, E: int) -> nn.Module:
     """``mlp``: 2 x 256 on the flattened window; ``cls``: the world model's own head form (``reward``);
-    ``cls_wide``: ``cls`` at width E with 4 attention heads."""
+    ``cls_wide``: ``cls`` at width E with 4 attention heads; ``cls_h8``: width 128, 8 heads; a ``_tok`` suffix
+    passes each latent through a 2-layer MLP, not one Linear, before the attention."""
     if form == "mlp":
         return mlp(W * E)
-    sizes = {"cls": {}, "cls_wide": {"hidden_dim": E, "num_heads": 4}}[form]
-    return WindowHead(RewardConfig(**{**vars(reward), "out_dim": 1, "window": W - 1, **sizes}), W)
+    base = form.removesuffix("_tok")
+    sizes = {
+        "cls": {},
+        "cls_wide": {"hidden_dim": E, "num_heads": 4},
+        "cls_h8": {"hidden_dim": 128, "num_heads": 8},
+    }[base]
+    head = WindowHead(RewardConfig(**{**vars(reward), "out_dim": 1, "window": W - 1, **sizes}), W)
+    if form.endswith("_tok"):
+        H = head.net.cfg.hidden_dim
+        head.net.proj = nn.Sequential(nn.Linear(E, H), nn.GELU(), nn.Linear(H, H))
+    return head
 
 
 def trained_head(wm: WorldModel, kind: str, W: int):
@@ -199,7 +209,7 @@ def main() -> None:
         "--heads",
         nargs="+",
         default=["mlp"],
-        choices=["mlp", "cls", "cls_wide", "online"],
+        choices=["mlp", "cls", "cls_wide", "cls_h8", "cls_tok", "cls_h8_tok", "online"],
         help="online: the model's own heads as trained (no fit; calibrated the same way), or as retrained "
         "with --retrain-updates",
     )
