@@ -106,20 +106,28 @@ def train_main(argv: list[str]) -> int:
             return _fail(f"cannot read {run_dir / 'config.json'}: {str(e).splitlines()[0]}")
         more = argparse.ArgumentParser(add_help=False)
         more.add_argument("--steps", type=int, default=None)
+        more.add_argument("--threads", type=int, default=None)
         extra, rest = more.parse_known_args(rest)
         if rest:
-            return _fail("--resume takes no options but --steps (a new total): the run continues with its saved config")
+            return _fail(
+                "--resume takes no options but --steps (a new total) and --threads (this machine's): "
+                "the run continues with its saved config"
+            )
         if extra.steps is not None:
             if extra.steps <= 0:
                 return _fail(f"--steps must be positive, got {extra.steps}")
             cfg.steps = extra.steps
+        if extra.threads is not None:
+            if extra.threads < 0:
+                return _fail(f"--threads must be >= 0 (0 = one per core), got {extra.threads}")
+            cfg.threads = extra.threads
     else:
         name = known.preset or ("atari100k" if torch.cuda.is_available() else "cpu")
         if name not in PRESETS:
             return _fail(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         description = (
             f"Train wm-agent. Preset: {name} (--preset {{{','.join(PRESETS)}}}). "
-            "Also: --run-dir DIR, --name NAME, --resume RUN_DIR [--steps NEW_TOTAL]."
+            "Also: --run-dir DIR, --name NAME, --resume RUN_DIR [--steps NEW_TOTAL] [--threads N]."
         )
         try:
             cfg = parse_config(rest, preset(name), description)

@@ -36,9 +36,12 @@ def test_train_resume_eval_watch(tmp_path: Path) -> None:
     assert [e.step for e in acc.Scalars("charts/replay_size")][-1] == 300
 
     seconds_at_300 = json.loads((run_dir / "summary.json").read_text())["train_seconds_total"]
-    res = run("train", "--resume", str(run_dir), "--steps", "400")
+    bad = run("train", "--resume", str(run_dir), "--steps", "400", "--lr", "1")
+    assert bad.returncode == 2 and "--threads" in bad.stderr  # a learning setting cannot change on resume
+    res = run("train", "--resume", str(run_dir), "--steps", "400", "--threads", "2")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed at step 300" in res.stdout
+    assert json.loads((run_dir / "config.json").read_text())["threads"] == 2  # this machine's setting, kept
     summary = json.loads((run_dir / "summary.json").read_text())
     stretch = sum(v for k, v in summary.items() if k.startswith("time_"))  # this stretch, end to end
     assert 0 < seconds_at_300 < summary["train_seconds_total"] <= seconds_at_300 + stretch  # summed over stretches
