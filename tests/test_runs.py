@@ -36,7 +36,7 @@ def test_train_resume_eval_watch(tmp_path: Path) -> None:
     assert [e.step for e in acc.Scalars("charts/replay_size")][-1] == 300
 
     seconds_at_300 = json.loads((run_dir / "summary.json").read_text())["train_seconds_total"]
-    bad = run("train", "--resume", str(run_dir), "--steps", "400", "--lr", "1")
+    bad = run("train", "--resume", str(run_dir), "--steps", "400", "--seed", "1")
     assert bad.returncode == 2 and "--threads" in bad.stderr  # a learning setting cannot change on resume
     res = run("train", "--resume", str(run_dir), "--steps", "400", "--threads", "2")
     assert res.returncode == 0, res.stderr[-2000:]
