@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
-from agent.config import PRESETS, UsageError, parse_config, preset, validate_config
+from agent.config import PRESETS, TrainConfig, UsageError, parse_config, preset, validate_config
 from agent.dyna import calibrate_on_replay, sample_world_model_batches
 from agent.machine import machine_info
 from agent.policy import ActorCritic
@@ -322,6 +322,18 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2))
         console.print(f"written to {args.out}")
     return 0
+
+
+def load_world_model_check(
+    out_dir: Path, check: dict, extra_flags: list[str] | None = None
+) -> tuple[WorldModel, TrainConfig]:
+    """The world model that ``bench world-model --out-dir OUT_DIR`` saved, rebuilt from the preset and flags
+    in ``check`` (its parsed ``world_model_check.json``) with ``extra_flags`` after them, and its config."""
+    cfg = parse_config(check["overrides"] + (extra_flags or []), preset(check["preset"] or "cpu"), "the bench's flags")
+    saved = torch.load(out_dir / "world_model.pt", weights_only=True)
+    wm = WorldModel(cfg.world_model, saved["num_actions"])
+    wm.load_state_dict_compat(saved["world_model"])
+    return wm, cfg
 
 
 def world_model_check(args: argparse.Namespace, device: torch.device) -> int:

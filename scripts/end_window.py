@@ -15,9 +15,10 @@ head of "this transition is rewarded" (its mean probability on rewarded steps is
 binary reward head pays of a reward).
 
 ``--heads`` picks the fitted head's form (``mlp``; ``cls``, the model's own ``RewardPredictor`` form;
-``cls_wide``) or ``online``: the model's own trained heads, read with their window (``--sizes`` =
-``reward.window`` + 1), first retrained on the frozen latents as a run trains them when
-``--retrain-updates`` is given (the run's batches, with ``--train-flags`` added to the bench's flags).
+its variants ``cls_wide``, ``cls_h8``, ``cls_tok``, ``cls_h8_tok``, see :func:`make_head`) or ``online``:
+the model's own trained heads, read with their window (``--sizes`` = ``reward.window`` + 1), first
+retrained on the frozen latents as a run trains them when ``--retrain-updates`` is given (the run's
+batches, with ``--train-flags`` added to the bench's flags).
 
     python -m scripts.end_window runs/cand/K8_W8 --sizes 2 3 5 7 9
     python -m scripts.end_window runs/cand/K8_W8 --sizes 9 --depths 1 4 --heads online --retrain-updates 3000 \
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.config import TrainConfig, parse_config, preset
+from agent.bench import load_world_model_check
+from agent.config import TrainConfig
 from agent.dyna import sample_world_model_batches
 from agent.replay import ReplayBuffer
 from agent.wm_report import encode_all, episode_windows, replay_of
@@ -225,11 +227,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     check = json.loads((args.model_dir / "world_model_check.json").read_text())
-    overrides = check["overrides"] + shlex.split(args.train_flags)
-    cfg = parse_config(overrides, preset(check["preset"] or "cpu"), "the bench's flags")
+    wm, cfg = load_world_model_check(args.model_dir, check, shlex.split(args.train_flags))
     K = cfg.world_model.context
-    wm = WorldModel(cfg.world_model, 4)
-    wm.load_state_dict_compat(torch.load(args.model_dir / "world_model.pt", weights_only=True)["world_model"])
     wm.eval()
     t0 = time.time()
     tr = annotated_rollout("ALE/Breakout-v5", args.train_steps, 8, 0)

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agent.bench import load_world_model_check
 from agent.checkpoint import load_latest
-from agent.config import parse_config, preset
 from agent.dyna import calibrate_on_replay, load_agent
 from agent.replay import random_replay
 from agent.wm_report import paddle_saves, tracker_runs
@@ -48,10 +48,7 @@ def load_model(path: Path, rng: np.random.Generator) -> WorldModel:
     """A run's acting world model, or a bench directory's, with its heads' shifts fitted."""
     if (path / "world_model.pt").exists():
         check = json.loads((path / "world_model_check.json").read_text())
-        cfg = parse_config(check["overrides"], preset(check["preset"] or "cpu"), "the bench's flags")
-        saved = torch.load(path / "world_model.pt", weights_only=True)
-        wm = WorldModel(cfg.world_model, saved["num_actions"])
-        wm.load_state_dict_compat(saved["world_model"])
+        wm, _ = load_world_model_check(path, check)
         calibrate_on_replay(wm, random_replay(check["env"], check["data_steps"], 8, 0, np.random.default_rng(0)), rng)
     else:
         wm = load_agent(path, torch.device("cpu")).wm

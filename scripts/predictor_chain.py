@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agent.config import parse_config, preset
+from agent.bench import load_world_model_check
 from agent.wm_report import encode_all, episode_windows, replay_of, world_model_report
 from envs.annotations import annotated_rollout
 from worldmodel.predictor import LatentDynamicsPredictor
@@ -67,10 +67,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     check = json.loads((a.model_dir / "world_model_check.json").read_text())
-    cfg = parse_config(check["overrides"], preset(check["preset"] or "cpu"), "the bench's flags")
-    saved = torch.load(a.model_dir / "world_model.pt", weights_only=True)
-    wm = WorldModel(cfg.world_model, saved["num_actions"])
-    wm.load_state_dict_compat(saved["world_model"])
+    wm, cfg = load_world_model_check(a.model_dir, check)
     wm.eval()
     for q in wm.parameters():
         q.requires_grad_(False)
@@ -105,7 +102,7 @@ def main() -> None:
         if a.save_dir:  # a model dir `end_window` and `remeasure_world_models` read
             d = a.save_dir / f"P{P}"
             d.mkdir(parents=True, exist_ok=True)
-            torch.save({**saved, "world_model": wm.state_dict()}, d / "world_model.pt")
+            torch.save({"world_model": wm.state_dict(), "num_actions": wm.num_actions}, d / "world_model.pt")
             (d / "world_model_check.json").write_text(json.dumps(check))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))

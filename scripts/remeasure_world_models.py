@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agent.config import parse_config, preset
+from agent.bench import load_world_model_check
 from agent.dyna import calibrate_on_replay
 from agent.replay import random_replay
 from agent.wm_report import replay_of, world_model_report
 from envs.annotations import annotated_rollout
-from worldmodel.world_model import WorldModel
 
 
 def main() -> None:
@@ -38,11 +37,8 @@ def main() -> None:
     rollouts, train_data = {}, {}
     for d in a.dirs:
         check = json.loads((d / "world_model_check.json").read_text())
-        cfg = parse_config(check["overrides"], preset(check["preset"] or "cpu"), "the bench's flags")
         try:
-            saved = torch.load(d / "world_model.pt", weights_only=True)
-            wm = WorldModel(cfg.world_model, saved["num_actions"])
-            wm.load_state_dict_compat(saved["world_model"])
+            wm, _ = load_world_model_check(d, check)
         except (OSError, RuntimeError, KeyError) as e:  # no weights kept, or another preset's shapes
             print(json.dumps({"dir": str(d), "skipped": str(e).splitlines()[0][:120]}))
             continue
