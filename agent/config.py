@@ -77,8 +77,9 @@ class TrainConfig:
     On Catch (cpu preset, seeds 0 and 1) 64 raised the heads' early accuracy on rewarded steps and the
     last-100 return at 30k env steps from 0.18 / 0.82 to 0.86 / 0.88; a world-model update takes ~23% longer."""
     dynamics_batch_size: int = 0
-    """Extra sequences of ``K + P`` frames per world-model update for the predictor's latent and
-    open-loop losses only: encoded without gradient, never decoded. 0 = none."""
+    """Extra sequences of ``Kp + P`` frames (``Kp`` = ``world_model.predictor.context``, or ``K``) per
+    world-model update for the predictor's latent and open-loop losses only: encoded without gradient,
+    never decoded. 0 = none."""
     head_rewarded_fraction: float = 0.5
     """Share of the head batch drawn from rewarded transitions. The main batch already gives the heads
     ~100 unrewarded pairs per update, so rewarded ones are what the heads are short of."""

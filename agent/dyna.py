@@ -157,7 +157,7 @@ def sample_world_model_batches(
     """One world-model update's batches, drawn in this order: the main ``K + P``-frame batch (rewarded
     sequences oversampled), the heads' extra real transitions (``2W`` frames: the last ``W`` transitions
     with the ``W = reward.window`` latents before each, a reward or end among them where oversampled)
-    and the predictor's extra sequences (each ``None`` when its size is 0). The Dyna loop and ``bench
+    and the predictor's extra sequences (``Kp + P`` frames; each ``None`` when its size is 0). The Dyna loop and ``bench
     world-model`` both train from these."""
     L, W = cfg.world_model.seq_len, cfg.world_model.reward.window
     batch = replay.sample(cfg.batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
@@ -174,7 +174,8 @@ def sample_world_model_batches(
         )
     dyn = None
     if cfg.dynamics_batch_size > 0:
-        dyn = replay.sample(cfg.dynamics_batch_size, L, rng, device, rewarded_fraction=cfg.rewarded_fraction)
+        L_dyn = cfg.world_model.predictor_context + cfg.world_model.pred_steps
+        dyn = replay.sample(cfg.dynamics_batch_size, L_dyn, rng, device, rewarded_fraction=cfg.rewarded_fraction)
     return batch, head, dyn
 
 

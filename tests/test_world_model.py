@@ -484,3 +484,35 @@ def test_heads_reading_a_window_train_and_imagine(catch_replay) -> None:
     cfg.world_model.reward.window = K + 1
     with pytest.raises(ValueError, match="reward.window"):
         WorldModel(cfg.world_model, num_actions=3)
+
+
+def test_predictor_reading_fewer_latents_than_the_heads(catch_replay) -> None:
+    """``predictor.context`` Kp < K: the predictor reads only the last Kp latents of a window while the
+    heads read ``reward.window`` = K; the dynamics batch then holds Kp + P frames, and the loss still
+    reaches every parameter."""
+    from agent.dyna import sample_world_model_batches
+
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    K, P = cfg.world_model.context, cfg.world_model.pred_steps
+    cfg.world_model.reward.window = K
+    cfg.world_model.predictor.context = K - 1
+    cfg.dynamics_batch_size = 4
+    wm = WorldModel(cfg.world_model, num_actions=3)
+    batch, head_batch, dyn = sample_world_model_batches(catch_replay, cfg, np.random.default_rng(0), "cpu")
+    assert batch.frames.shape[1] == K + P and dyn is not None and dyn.frames.shape[1] == K - 1 + P
+    loss, metrics = wm.compute_loss(batch, head_batch, dyn)
+    assert torch.isfinite(loss) and torch.isfinite(metrics["world_model/latent_loss"])
+    loss.backward()
+    for name, p in wm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    window = wm.encode(batch.frames[:2, :K]).detach()
+    older = window.clone()
+    older[:, 0] = torch.randn_like(older[:, 0])
+    action = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(wm.imagine_step(window, action).latent, wm.imagine_step(older, action).latent)
+    torch.testing.assert_close(wm.predictor(window, action), wm.predictor(window[:, 1:], action))
+    cfg.world_model.predictor.context = K + 1
+    with pytest.raises(ValueError, match="predictor.context"):
+        WorldModel(cfg.world_model, num_actions=3)

@@ -24,6 +24,10 @@ class PredictorConfig:
     """MLP hidden width as a multiple of ``embed_dim``."""
     max_context: int = 32
     """Most frame latents ``T`` one call may see (the sequence is ``T + 1`` tokens with the action)."""
+    context: int = 0
+    """Read only the last ``context`` latents of the window given (0: all of it). Lets the reward and
+    continue heads read a longer window (``reward.window``) than the predictor needs, at the predictor's
+    cost of a short one."""
     residual: bool = False
     """Predict the change from the last latent: ``z_T = z_{T-1} + head(...)``, the head starting at zero
     (so an untrained predictor holds the last frame). Off: ARCHITECTURE.md's head predicts ``z_T`` itself."""
@@ -61,7 +65,10 @@ class LatentDynamicsPredictor(nn.Module):
         return tokens
 
     def forward(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """``z [B, T, E]`` (``T <= max_context``), ``action`` int64 ``[B]`` -> predicted ``z_T [B, 1, E]``."""
+        """``z [B, T, E]`` (``T <= max_context``), ``action`` int64 ``[B]`` -> predicted ``z_T [B, 1, E]``
+        (from the last ``cfg.context`` latents of ``z`` when that is set)."""
+        if self.cfg.context:
+            z = z[:, -self.cfg.context :]
         B, T, E = z.shape
         if T + 1 > self.cfg.max_context + 1:
             raise ValueError(f"predictor got T={T} latents (+1 action token) but max_context is {self.cfg.max_context}")

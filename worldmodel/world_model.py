@@ -120,6 +120,11 @@ class WorldModelConfig:
     def seq_len(self) -> int:
         return self.context + self.pred_steps
 
+    @property
+    def predictor_context(self) -> int:
+        """Latents the predictor reads (``predictor.context``, or all ``K``)."""
+        return self.predictor.context or self.context
+
     def validate(self) -> None:
         """Raise ``ValueError`` for settings the world model cannot use; fields are named as backticked
         config paths (the CLI turns them into its flags)."""
@@ -156,6 +161,11 @@ class WorldModelConfig:
         if self.context > self.predictor.max_context:
             raise ValueError(
                 f"`context` ({self.context}) exceeds `predictor.max_context` ({self.predictor.max_context})"
+            )
+        if not 0 <= self.predictor.context <= self.context:
+            raise ValueError(
+                f"`predictor.context` (latents the predictor reads, 0 = all) must be in 0..`context` "
+                f"({self.context}), got {self.predictor.context}"
             )
         if not 1 <= self.reward.window <= self.context:
             raise ValueError(
@@ -457,9 +467,12 @@ class WorldModel(nn.Module):
         """The predictor on detached latents ``z [B, K+P, E]``: one step from each of the P real
         windows, and a chain of P steps fed back open loop, as imagination runs it. Both train the
         predictor to land where the encoder puts the real next frame (imagination feeds predicted
-        latents back in as context); ``dynamics_batch`` adds sequences to these two losses only."""
-        K, P = self.cfg.context, self.cfg.pred_steps
+        latents back in as context); ``dynamics_batch`` (``Kp + P`` frames, ``Kp`` the latents the predictor
+        reads) adds sequences to these two losses only."""
+        K, P = self.cfg.predictor_context, self.cfg.pred_steps
         B = z.shape[0]
+        first = z.shape[1] - (K + P)  # the main batch holds the heads' longer window when K < context
+        z, actions = z[:, first:], actions[:, first:]
         if dynamics_batch is not None:
             with torch.no_grad():
                 z = torch.cat([z, self.encode(dynamics_batch.frames).to(z.dtype)])  # (B + B3, K+P, E)
