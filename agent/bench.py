@@ -104,42 +104,39 @@ def replay_speed(batch_size: int = 64, seq_len: int = 7, seconds: float = 2.0) -
 
 
 def world_model_speed(
-    preset_name: str, device: torch.device, updates: int = 10, amp: bool = True, compile: bool = False
+    cfg: TrainConfig, device: torch.device, updates: int = 10, amp: bool = True, compile: bool = False
 ) -> dict[str, float]:
-    """Updates/s, samples/s and achieved FLOP/s of world-model updates at the preset's sizes
-    (bf16 autocast on CUDA when ``amp``; ``compile`` times after compilation, which is reported apart)."""
-    cfg = preset(preset_name)
+    """Updates/s, samples/s and achieved FLOP/s of world-model updates at ``cfg``'s sizes, on the batches
+    the Dyna loop draws (main, heads' and dynamics batch; bf16 autocast on CUDA when ``amp``;
+    ``compile`` times after compilation, which is reported apart)."""
     wm = WorldModel(cfg.world_model, num_actions=4).to(device)
     trainer = WorldModelTrainer(wm, cfg.optim, device, amp=amp, compile=compile)
     B, L = cfg.batch_size, cfg.world_model.seq_len
     rng = np.random.default_rng(0)
-    buf = ReplayBuffer(B * L * 4, 1)
-    for t in range(buf.slots):
+    buf = ReplayBuffer(max(B, cfg.head_batch_size, cfg.dynamics_batch_size) * 4 * max(L, 2 * wm.cfg.reward.window), 1)
+    for t in range(buf.slots):  # a reward every 9 steps and a lost life every 50, for the oversampled batches
         buf.add(
             rng.integers(0, 255, size=(1, 64, 64), dtype=np.uint8),
             np.array([t % 4]),
             np.array([float(t % 9 == 0)], np.float32),
             np.zeros(1, bool),
             np.zeros(1, bool),
-            np.zeros(1, bool),
+            np.array([t % 50 == 49]),
             np.array([t == 0]),
         )
-    batch = buf.sample(B, L, rng, device)
-    head_batch = (
-        buf.sample(cfg.head_batch_size, 2 * wm.cfg.reward.window, rng, device) if cfg.head_batch_size > 0 else None
-    )
+    batches = sample_world_model_batches(buf, cfg, rng, device)
     with FlopCounterMode(display=False) as counter:  # eager forward + backward: the FLOPs one update needs
-        wm.loss_and_latents(batch, head_batch)[0].backward()
+        wm.loss_and_latents(*batches)[0].backward()
     flops = counter.get_total_flops()
     wm.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     for _ in range(3 if compile else 2):
-        trainer.update(batch, head_batch)
+        trainer.update(*batches)
     _sync(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(updates):
-        trainer.update(batch, head_batch)
+        trainer.update(*batches)
     _sync(device)
     dt = (time.perf_counter() - t0) / updates
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in wm.named_children()}
@@ -153,6 +150,8 @@ def world_model_speed(
         "flop_per_s": flops / dt,
         "batch_size": B,
         "seq_len": L,
+        "head_batch_size": cfg.head_batch_size,
+        "dynamics_batch_size": cfg.dynamics_batch_size,
         "amp_bf16": float(amp and device.type == "cuda"),
         "compiled": float(compile),
         "first_updates_s": warmup_s,
@@ -160,9 +159,8 @@ def world_model_speed(
     }
 
 
-def imagination_speed(preset_name: str, device: torch.device, rollouts: int = 5) -> dict[str, float]:
+def imagination_speed(cfg: TrainConfig, device: torch.device, rollouts: int = 5) -> dict[str, float]:
     """Imagined latent steps/s (starts x horizon) and policy updates/s (one rollout + PPO epochs each)."""
-    cfg = preset(preset_name)
     wm = WorldModel(cfg.world_model, num_actions=4).to(device)
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, 4).to(device)
     ppo = PPO(policy, cfg.ppo)
@@ -189,16 +187,17 @@ def imagination_speed(preset_name: str, device: torch.device, rollouts: int = 5)
 
 
 def dyna_split(
-    preset_name: str, env_id: str, device: torch.device, iterations: int = 2, amp: bool = True
+    cfg: TrainConfig, env_id: str, device: torch.device, iterations: int = 2, amp: bool = True
 ) -> dict[str, float]:
-    """Seconds per Dyna iteration in each phase: a short run whose warm-up just fills the first batch,
-    without pre-training, then ``iterations`` full iterations at the preset's ratios."""
+    """Seconds per Dyna iteration in each phase: a short run of ``cfg`` whose warm-up just fills the first
+    batch, without pre-training, then ``iterations`` full iterations at its ratios."""
+    import copy
     import tempfile
 
     from agent.dyna import DynaTrainer
     from agent.logger import RunLogger
 
-    cfg = preset(preset_name)
+    cfg = copy.deepcopy(cfg)
     cfg.env, cfg.device, cfg.threads, cfg.amp = env_id, str(device), 0, amp
     cfg.warmup_steps = max(cfg.collect_steps, 2 * cfg.world_model.seq_len * cfg.num_envs)
     cfg.wm_pretrain_updates = cfg.policy_start_updates = 0
@@ -214,12 +213,11 @@ def dyna_split(
     return {"per_iteration_s": {k: v / n_iter for k, v in split.items()}, "fraction": _fractions(split)}
 
 
-def project_full_run(preset_name: str, wm: dict, im: dict, dyna: dict | None) -> dict[str, float]:
-    """Hours a whole run of the preset would take at the measured rates: its world-model and policy
+def project_full_run(cfg: TrainConfig, wm: dict, im: dict, dyna: dict | None) -> dict[str, float]:
+    """Hours a whole run of ``cfg`` would take at the measured rates: its world-model and policy
     updates at the measured update rates, its env steps (and the loop's other work) at the collect
     and other time per env step of the measured Dyna iterations (0 when those were skipped). Policy
     updates start once the world model has had ``policy_start_updates``, as in the Dyna loop."""
-    cfg = preset(preset_name)
     learn_steps = max(0, cfg.steps - cfg.warmup_steps)
     wm_updates = cfg.wm_pretrain_updates + learn_steps * cfg.wm_train_ratio
     policy_wait_steps = max(0, cfg.policy_start_updates - cfg.wm_pretrain_updates) / cfg.wm_train_ratio
@@ -278,37 +276,45 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
     presets = [args.preset] if args.preset else ["cpu", "atari100k"]
     mode = ("bf16 autocast" if args.amp and device.type == "cuda" else "fp32") + (", compiled" if args.compile else "")
     result["mode"] = mode
+    result["overrides"] = args.overrides
     for name in presets:
-        w = world_model_speed(name, device, amp=args.amp, compile=args.compile)
+        cfg, label = preset(name), name
+        if args.overrides:
+            cfg = parse_config(args.overrides, cfg, "config overrides, as for wm-agent train")
+            validate_config(cfg)
+            label = f"{name} + flags"
+            table.add_row("train flags", " ".join(args.overrides))
+        w = world_model_speed(cfg, device, amp=args.amp, compile=args.compile)
         result[f"world_model_{name}"] = {**w, "fraction_of_peak": w["flop_per_s"] / peak}
         table.add_row(
-            f"world model ({name}, {mode}) B={w['batch_size']} L={w['seq_len']}",
+            f"world model ({label}, {mode}) B={w['batch_size']} L={w['seq_len']} + heads' "
+            f"{w['head_batch_size']} + dynamics {w['dynamics_batch_size']}",
             f"{w['updates_per_s']:.2f} updates/s, {w['samples_per_s']:.0f} seq/s, "
             f"{w['flop_per_s'] / 1e9:.1f} GFLOP/s = {w['flop_per_s'] / peak:.0%} of peak"
             + (f" (compiling + first 3 updates: {w['first_updates_s']:.0f} s)" if args.compile else ""),
         )
         table.add_row(
-            f"parameters ({name})",
+            f"parameters ({label})",
             ", ".join(f"{k.removeprefix('params_')} {v / 1e3:.1f}k" for k, v in w.items() if k.startswith("params_")),
         )
-        im = imagination_speed(name, device)
+        im = imagination_speed(cfg, device)
         result[f"imagination_{name}"] = im
         table.add_row(
-            f"imagination ({name})",
+            f"imagination ({label})",
             f"{im['imagined_steps_per_s']:.0f} latent steps/s, {im['policy_updates_per_s']:.2f} policy updates/s",
         )
         if name == presets[0] and not args.skip_dyna:
-            d = dyna_split(name, args.env, device, amp=args.amp)
+            d = dyna_split(cfg, args.env, device, amp=args.amp)
             result[f"dyna_iteration_{name}"] = d
             table.add_row(
-                f"one Dyna iteration ({name}, {args.env})",
+                f"one Dyna iteration ({label}, {args.env})",
                 ", ".join(f"{k} {v:.0%}" for k, v in d["fraction"].items())
                 + f" of {sum(d['per_iteration_s'].values()):.1f} s",
             )
-        proj = project_full_run(name, w, im, result.get(f"dyna_iteration_{name}"))
+        proj = project_full_run(cfg, w, im, result.get(f"dyna_iteration_{name}"))
         result[f"projected_full_run_{name}"] = proj
         table.add_row(
-            f"projected whole {name} run ({proj['env_steps']:.0f} env steps)",
+            f"projected whole {label} run ({proj['env_steps']:.0f} env steps)",
             f"{proj['hours']:.2f} h: {proj['world_model_updates']:.0f} world-model and "
             f"{proj['policy_updates']:.0f} policy updates at the rates above"
             + ("" if f"dyna_iteration_{name}" in result else ", env time not measured (--skip-dyna)"),
@@ -527,6 +533,7 @@ def bench_main(argv: list[str], device_of) -> int:
     s.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 world-model updates on CUDA too")
     s.add_argument("--compile", action="store_true", help="torch.compile the world-model loss before timing it")
     s.add_argument("--out", default=None, help="JSON file for the figures")
+    s.epilog = "With --preset, any config flag of 'wm-agent train' (e.g. --world-model.context 8) overrides it."
     w = sub.add_parser(
         "world-model",
         help="train a world model on random-policy data (or read a run's), compare with copy-last-frame",
@@ -552,8 +559,10 @@ def bench_main(argv: list[str], device_of) -> int:
     w.epilog = "Any config flag of 'wm-agent train' (e.g. --world-model.pixel-gain 3) overrides the preset."
     add_learn_parser(sub)
     args, overrides = p.parse_known_args(argv)
-    if overrides and args.what != "world-model":
+    if overrides and args.what not in ("world-model", "speed"):
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if overrides and args.what == "speed" and args.preset is None:
+        p.error(f"config flags ({' '.join(overrides)}) override one preset: name it with --preset")
     args.overrides = overrides
     if args.threads > 0:
         torch.set_num_threads(args.threads)
