@@ -243,6 +243,12 @@ def _fractions(split: dict[str, float]) -> dict[str, float]:
 
 def speed_main(args: argparse.Namespace, device: torch.device) -> int:
     console = Console()
+    configs = {}  # train flags override the one preset named; parsed before any measurement
+    for name in [args.preset] if args.preset else ["cpu", "atari100k"]:
+        configs[name] = preset(name)
+        if args.overrides:
+            configs[name] = parse_config(args.overrides, configs[name], "config overrides, as for wm-agent train")
+            validate_config(configs[name])
     info = machine_info(device)
     peak = matmul_peak(device)
     result: dict = {
@@ -273,15 +279,13 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
         r = replay_speed()
         result["replay_batches_per_s"] = r
         table.add_row("replay sample, B=64, T+1=7", f"{r:.0f} batches/s")
-    presets = [args.preset] if args.preset else ["cpu", "atari100k"]
+    presets = list(configs)
     mode = ("bf16 autocast" if args.amp and device.type == "cuda" else "fp32") + (", compiled" if args.compile else "")
     result["mode"] = mode
     result["overrides"] = args.overrides
     for name in presets:
-        cfg, label = preset(name), name
+        cfg, label = configs[name], name
         if args.overrides:
-            cfg = parse_config(args.overrides, cfg, "config overrides, as for wm-agent train")
-            validate_config(cfg)
             label = f"{name} + flags"
             table.add_row("train flags", " ".join(args.overrides))
         w = world_model_speed(cfg, device, amp=args.amp, compile=args.compile)
@@ -562,7 +566,8 @@ def bench_main(argv: list[str], device_of) -> int:
     if overrides and args.what not in ("world-model", "speed"):
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
     if overrides and args.what == "speed" and args.preset is None:
-        p.error(f"config flags ({' '.join(overrides)}) override one preset: name it with --preset")
+        flags = " ".join(overrides)
+        p.error(f"unrecognized arguments: {flags} (train flags override one preset: name it with --preset)")
     args.overrides = overrides
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -507,6 +507,17 @@ def test_predictor_reading_fewer_latents_than_the_heads(catch_replay) -> None:
     for name, p in wm.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
+    # The one-step and open-loop predictions are the main batch's last P transitions, read from K-frame windows.
+    with torch.no_grad():
+        z = wm.encode(batch.frames)
+        dyn_out = wm._predict(z, batch.actions, None)
+        window = z[:, :K]
+        for p in range(P):
+            one = wm.predictor(z[:, p : K + p], batch.actions[:, K - 1 + p])[:, 0]
+            torch.testing.assert_close(dyn_out.z_pred.view(len(z), P, -1)[:, p], one)
+            window = torch.cat([window[:, 1:], wm.predictor(window, batch.actions[:, K - 1 + p])], dim=1)
+            torch.testing.assert_close(dyn_out.z_open[:, p], window[:, -1])
+
     window = wm.encode(batch.frames[:2, :K]).detach()
     older = window.clone()
     older[:, 0] = torch.randn_like(older[:, 0])

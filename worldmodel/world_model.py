@@ -426,8 +426,8 @@ class WorldModel(nn.Module):
         """Loss of one batch of ``K + P`` frame sequences; metrics are detached tensors. ``head_batch``
         (optional, sequences of any length >= 2) adds real transitions for the reward and continue heads
         only: encoded without gradient, so they cost an encoder pass and no decoding. ``dynamics_batch``
-        (optional, ``K + P`` frames) adds sequences for the predictor's latent and open-loop losses only,
-        encoded without gradient the same way."""
+        (optional, ``Kp + P`` frames, ``Kp`` = :attr:`WorldModelConfig.predictor_context`) adds sequences
+        for the predictor's latent and open-loop losses only, encoded without gradient the same way."""
         loss, metrics, _ = self.loss_and_latents(batch, head_batch, dynamics_batch)
         return loss, metrics
 
@@ -469,25 +469,25 @@ class WorldModel(nn.Module):
         predictor to land where the encoder puts the real next frame (imagination feeds predicted
         latents back in as context); ``dynamics_batch`` (``Kp + P`` frames, ``Kp`` the latents the predictor
         reads) adds sequences to these two losses only."""
-        K, P = self.cfg.predictor_context, self.cfg.pred_steps
+        Kp, P = self.cfg.predictor_context, self.cfg.pred_steps
         B = z.shape[0]
-        first = z.shape[1] - (K + P)  # the main batch holds the heads' longer window when K < context
-        z, actions = z[:, first:], actions[:, first:]
+        first = z.shape[1] - (Kp + P)  # the main batch holds the heads' longer window when Kp < K
+        z, actions = z[:, first:], actions[:, first:]  # (B, Kp+P, E), (B, Kp+P-1)
         if dynamics_batch is not None:
             with torch.no_grad():
-                z = torch.cat([z, self.encode(dynamics_batch.frames).to(z.dtype)])  # (B + B3, K+P, E)
+                z = torch.cat([z, self.encode(dynamics_batch.frames).to(z.dtype)])  # (B + B3, Kp+P, E)
             actions = torch.cat([actions, dynamics_batch.actions])
-        windows = rearrange(z.unfold(1, K, 1)[:, :P], "b p e k -> (b p) k e")  # (N*P, K, E)
-        one_step = self.predictor(windows, rearrange(actions[:, K - 1 : K - 1 + P], "b p -> (b p)"))[:, 0]
+        windows = rearrange(z.unfold(1, Kp, 1)[:, :P], "b p e k -> (b p) k e")  # (N*P, Kp, E)
+        one_step = self.predictor(windows, rearrange(actions[:, Kp - 1 : Kp - 1 + P], "b p -> (b p)"))[:, 0]
         # z is detached, so the scale is a constant of the loss
-        scale = z[:, K:].var(dim=(0, 1)).mean().clamp_min(1e-12) if self.cfg.loss.latent_normalized else 1.0
-        latent_loss = F.mse_loss(one_step, rearrange(z[:, K:], "b p e -> (b p) e")) / scale
-        window, chain = z[:, :K], []
+        scale = z[:, Kp:].var(dim=(0, 1)).mean().clamp_min(1e-12) if self.cfg.loss.latent_normalized else 1.0
+        latent_loss = F.mse_loss(one_step, rearrange(z[:, Kp:], "b p e -> (b p) e")) / scale
+        window, chain = z[:, :Kp], []
         for p in range(P):
-            step = self.predictor(window, actions[:, K - 1 + p])  # (N, 1, E)
+            step = self.predictor(window, actions[:, Kp - 1 + p])  # (N, 1, E)
             chain.append(step[:, 0])
             window = torch.cat([window[:, 1:], step], dim=1)
-        open_err = (torch.stack(chain, dim=1) - z[:, K:]).square().mean(dim=(0, 2)) / scale  # (P,)
+        open_err = (torch.stack(chain, dim=1) - z[:, Kp:]).square().mean(dim=(0, 2)) / scale  # (P,)
         return Dynamics(
             z_pred=one_step[: B * P],
             z_open=torch.stack(chain, dim=1)[:B],
