@@ -279,15 +279,14 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
         r = replay_speed()
         result["replay_batches_per_s"] = r
         table.add_row("replay sample, B=64, T+1=7", f"{r:.0f} batches/s")
-    presets = list(configs)
     mode = ("bf16 autocast" if args.amp and device.type == "cuda" else "fp32") + (", compiled" if args.compile else "")
     result["mode"] = mode
     result["overrides"] = args.overrides
-    for name in presets:
-        cfg, label = configs[name], name
-        if args.overrides:
-            label = f"{name} + flags"
-            table.add_row("train flags", " ".join(args.overrides))
+    if args.overrides:
+        table.add_row("train flags", " ".join(args.overrides))
+    first = next(iter(configs))
+    for name, cfg in configs.items():
+        label = f"{name} + flags" if args.overrides else name
         w = world_model_speed(cfg, device, amp=args.amp, compile=args.compile)
         result[f"world_model_{name}"] = {**w, "fraction_of_peak": w["flop_per_s"] / peak}
         table.add_row(
@@ -307,7 +306,7 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
             f"imagination ({label})",
             f"{im['imagined_steps_per_s']:.0f} latent steps/s, {im['policy_updates_per_s']:.2f} policy updates/s",
         )
-        if name == presets[0] and not args.skip_dyna:
+        if name == first and not args.skip_dyna:
             d = dyna_split(cfg, args.env, device, amp=args.amp)
             result[f"dyna_iteration_{name}"] = d
             table.add_row(
