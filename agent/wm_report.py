@@ -100,11 +100,13 @@ def encode_all(wm: WorldModel, frames: np.ndarray, chunk: int = 512) -> torch.Te
 @dataclass
 class OpenLoop:
     """``d`` imagined steps from real context for a set of windows: the last predicted latent ``[M, E]``,
-    the calibrated reward and continue probability of the last step ``[M]``."""
+    the calibrated reward and continue probability of the last step ``[M]``, and the reward of every
+    step ``[M, d]``."""
 
     latent: torch.Tensor
     reward: torch.Tensor
     cont: torch.Tensor
+    rewards: torch.Tensor
 
 
 @torch.no_grad()
@@ -125,15 +127,55 @@ def open_loop(
     for i in range(0, len(starts), chunk):
         s, n = starts[i : i + chunk], envs[i : i + chunk]
         window = z[s[:, None] + np.arange(K), n[:, None]].to(device)  # (m, K, E)
+        rewards = []
         for j in range(d):
             a = torch.as_tensor(actions[s + K - 1 + j, n], device=device)
             pred = wm.imagine_step(window, a)
+            rewards.append(pred.reward.float().cpu())
             window = torch.cat([window[:, 1:], pred.latent.to(window.dtype)], dim=1)
-        parts.append((window[:, -1].float().cpu(), pred.reward.float().cpu(), pred.cont.float().cpu()))
+        parts.append(
+            (window[:, -1].float().cpu(), pred.reward.float().cpu(), pred.cont.float().cpu(), torch.stack(rewards, 1))
+        )
     if not parts:
         empty = torch.zeros(0)
-        return OpenLoop(torch.zeros(0, z.shape[-1]), empty, empty)
+        return OpenLoop(torch.zeros(0, z.shape[-1]), empty, empty, torch.zeros(0, d))
     return OpenLoop(*(torch.cat(p) for p in zip(*parts, strict=True)))
+
+
+REWARD_AND_END_KEYS = (
+    "reward_paid_share",
+    "reward_paid_unrewarded",
+    "reward_paid_share_within_1",
+    "reward_paid_unrewarded_within_1",
+    "reward_sign_acc",
+    "life_loss_recall",
+    "false_end_rate",
+)
+
+
+def _paid_within_one_step(
+    wm: WorldModel, z: torch.Tensor, data: ReplayBuffer, rewards: np.ndarray, d: int, cap: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """The reward imagination pays within one step of a true one at depth ``d``: summed over imagined
+    steps ``d - 1 .. d + 1`` (1 .. 2 at depth 1, whose step before is real), over the true rewards of the
+    same steps (``reward_paid_share_within_1``), and the mean ``|sum|`` over windows whose steps hold no
+    reward (``reward_paid_unrewarded_within_1``). A reward paid a step early or late counts here, not in
+    ``reward_paid_share``."""
+    S, K = data.filled, wm.cfg.context
+    starts, envs = episode_windows(data.is_first[:S], K + d + 1, 0, S)
+    lo = 0 if d == 1 else -1
+    near = rewards[starts[:, None] + K + d - 2 + np.arange(lo, 2), envs[:, None]]  # (M, 2 or 3)
+    out = {}
+    rewarded = (near[:, -lo] != 0) & (near.sum(1) != 0)
+    for name, mask, n in (("share", rewarded, 10**9), ("unrewarded", ~near.any(1), cap)):
+        idx = _subsample(mask, n, rng)
+        paid = open_loop(wm, z, data.actions, starts[idx], envs[idx], d + 1).rewards[:, d - 1 + lo :].sum(1)
+        if name == "share":
+            value = (paid / torch.as_tensor(near[idx].sum(1))).mean() if len(idx) else torch.tensor(float("nan"))
+        else:
+            value = paid.abs().mean()
+        out[f"reward_paid_{name}_within_1"] = float(value)
+    return out
 
 
 def _subsample(mask: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -213,6 +255,7 @@ def world_model_report(
         ended = runs["ended"].cont
         m["life_loss_recall"] = float((ended < 0.5).float().mean()) if len(ended) else float("nan")
         m["false_end_rate"] = float((runs["going_on"].cont < 0.5).float().mean())
+        m.update(_paid_within_one_step(wm, z, data, rewards, d, max_windows, rng))
         report["windows"][str(d)] = {cat: len(s) for cat, (s, _) in cats.items()}
         if positions is not None:
             for j, name in enumerate(POSITION_NAMES):
@@ -222,7 +265,7 @@ def world_model_report(
                 m[f"{name}_r2"] = r2(probes[name](runs[cat].latent.numpy()), truth)
                 m[f"hold_last_{name}_r2"] = r2(probes[name](z[s + K - 1, e].numpy()), truth)
         measures[str(d)] = m
-    for key in ("reward_paid_share", "reward_paid_unrewarded", "reward_sign_acc", "life_loss_recall", "false_end_rate"):
+    for key in REWARD_AND_END_KEYS:
         report[key] = {d: m[key] for d, m in measures.items()}
     if positions is not None:
         for name in POSITION_NAMES:

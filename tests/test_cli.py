@@ -230,11 +230,15 @@ def test_bench_world_model_takes_config_overrides(tmp_path: Path) -> None:
     common = ["bench", "world-model", "--env", "wm/Catch-v0", "--preset", "debug", "--device", "cpu", "--threads", "1"]
     out = run(
         *common, "--updates", "2", "--data-steps", "600", "--out-dir", str(tmp_path),
-        "--world-model.loss.motion-map", "1.0",
+        "--world-model.loss.motion-map", "1.0", "--slow-world-model-decay", "0.5",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads((tmp_path / "world_model_check.json").read_text())
-    assert res["overrides"] == ["--world-model.loss.motion-map", "1.0"] and res["updates"] == 2
+    assert res["overrides"][:2] == ["--world-model.loss.motion-map", "1.0"] and res["updates"] == 2
+    # Imagination reads the slow copy: it is measured, and the trained model is reported beside it.
+    assert res["measured_model"] == "slow copy" and "the trained model (not the slow copy)" in out.stdout
+    slow_paid, trained_paid = res["reward_paid_unrewarded"]["1"], res["trained_model"]["reward_paid_unrewarded"]["1"]
+    assert slow_paid != trained_paid
     assert "motion_map_loss" in res and res["next_frame_mse"] >= 0 and res["copy_last_mse"] >= 0
     assert (tmp_path / "world_model_check.png").stat().st_size > 0
     bad = run(*common, "--world-model.pixel-gain", "0.5")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agent.config import preset
-from agent.wm_report import MLPProbe, episode_windows, open_loop, r2, replay_of, world_model_report
+from agent.wm_report import REWARD_AND_END_KEYS, MLPProbe, episode_windows, open_loop, r2, replay_of, world_model_report
 from envs.annotations import POSITION_NAMES, annotated_rollout, has_annotations
 from worldmodel.world_model import WorldModel
 
@@ -76,10 +76,11 @@ def test_report_fields_present_and_finite(breakout_rollout) -> None:
     for name in POSITION_NAMES:
         for key in (f"{name}_r2", f"hold_last_{name}_r2"):
             assert set(rep["open_loop"][key]) == {"1", "4"}
-    for key in ("reward_paid_share", "reward_paid_unrewarded", "reward_sign_acc", "life_loss_recall", "false_end_rate"):
+    for key in REWARD_AND_END_KEYS:
         assert set(rep[key]) == {"1", "4"}
     flat = [*rep["probe"].values(), *(v for k in rep["open_loop"].values() for v in k.values())]
-    flat += [rep[k][d] for k in ("reward_paid_unrewarded", "false_end_rate") for d in ("1", "4")]
+    quiet = ("reward_paid_unrewarded", "reward_paid_unrewarded_within_1", "false_end_rate")
+    flat += [rep[k][d] for k in quiet for d in ("1", "4")]
     assert all(math.isfinite(v) for v in flat)
     assert rep["windows"]["4"]["probe"] <= 64 and rep["windows"]["1"]["ended"] > 0
 
@@ -173,3 +174,44 @@ def test_subtract_background_is_the_identity_on_breakout_and_clears_pongs_field(
     x = WorldModel(with_it, num_actions=6).to_float(pong)
     field = (x == 0).float().mean(dim=(-2, -1))
     assert float(field.min()) > 0.7 and float((x > 0.5).float().mean()) > 0.05  # objects stand out
+
+
+@pytest.mark.parametrize("lag", [-2, -1, 0, 1, 2])
+def test_a_reward_paid_late_counts_within_one_step_and_no_further(lag: int) -> None:
+    from types import SimpleNamespace
+
+    from agent.wm_report import _paid_within_one_step
+    from worldmodel.world_model import Prediction
+
+    S, N, K = 60, 2, 3
+    rewards = np.zeros((S, N), np.float32)
+    rewards[[10, 25, 40], 0] = 1.0
+    rewards[[17, 33], 1] = 2.0
+    slots, copies = torch.meshgrid(torch.arange(S), torch.arange(N), indexing="ij")
+    z = torch.stack([slots, copies], -1).float()  # (S, N, 2)
+
+    class Late(torch.nn.Module):
+        """Carries the slot forward and pays the true reward of the transition ``lag`` steps before (after)."""
+
+        cfg = SimpleNamespace(context=K)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        def imagine_step(self, window: torch.Tensor, action: torch.Tensor) -> Prediction:
+            slot, copy = window[:, -1, 0].long(), window[:, -1, 1].long()
+            paid = torch.as_tensor(rewards[(slot - lag).clamp(0, S - 1).numpy(), copy.numpy()])
+            nxt = torch.stack([slot + 1, copy], -1).float()[:, None]
+            return Prediction(nxt, paid, torch.ones(len(slot)))
+
+    data = SimpleNamespace(
+        filled=S, is_first=np.eye(S, N, dtype=bool)[:, :1].repeat(N, 1), actions=np.zeros((S, N), np.int64)
+    )
+    for d in (1, 4):
+        got = _paid_within_one_step(Late(), z, data, rewards, d, cap=1000, rng=np.random.default_rng(0))
+        # At depth 1 the step before the reward is real: a reward paid a step early is not imagined.
+        within = abs(lag) <= 1 and not (d == 1 and lag == -1)
+        assert got["reward_paid_share_within_1"] == pytest.approx(1.0 if within else 0.0)
+        if lag == 0:
+            assert got["reward_paid_unrewarded_within_1"] == 0.0
