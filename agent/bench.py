@@ -28,8 +28,8 @@ from agent.wm_report import PADDLE_DEPTHS, paddle_saves, replay_of, tracker_runs
 from envs import make_env
 from envs.annotations import annotated_rollout, has_annotations
 from envs.ram_players import has_tracker
-from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.ema import ema_update_, make_slow_copy
+from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.trainer import WorldModelTrainer
 from worldmodel.world_model import WorldModel
 
