@@ -165,17 +165,18 @@ def _paid_within_one_step(
     starts, envs = episode_windows(data.is_first[:S], K + d + 1, 0, S)
     lo = 0 if d == 1 else -1
     near = rewards[starts[:, None] + K + d - 2 + np.arange(lo, 2), envs[:, None]]  # (M, 2 or 3)
-    out = {}
-    rewarded = (near[:, -lo] != 0) & (near.sum(1) != 0)
-    for name, mask, n in (("share", rewarded, 10**9), ("unrewarded", ~near.any(1), cap)):
+
+    def paid_near(mask: np.ndarray, n: int) -> tuple[np.ndarray, torch.Tensor]:
         idx = _subsample(mask, n, rng)
-        paid = open_loop(wm, z, data.actions, starts[idx], envs[idx], d + 1).rewards[:, d - 1 + lo :].sum(1)
-        if name == "share":
-            value = (paid / torch.as_tensor(near[idx].sum(1))).mean() if len(idx) else torch.tensor(float("nan"))
-        else:
-            value = paid.abs().mean()
-        out[f"reward_paid_{name}_within_1"] = float(value)
-    return out
+        return idx, open_loop(wm, z, data.actions, starts[idx], envs[idx], d + 1).rewards[:, d - 1 + lo :].sum(1)
+
+    idx, paid = paid_near((near[:, -lo] != 0) & (near.sum(1) != 0), 10**9)
+    _, paid_quiet = paid_near(~near.any(1), cap)
+    share = (paid / torch.as_tensor(near[idx].sum(1))).mean() if len(idx) else torch.tensor(float("nan"))
+    return {
+        "reward_paid_share_within_1": float(share),
+        "reward_paid_unrewarded_within_1": float(paid_quiet.abs().mean()),
+    }
 
 
 def _subsample(mask: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
