@@ -277,6 +277,10 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--num-envs must be positive, got {cfg.num_envs}")
     if cfg.ppo.critic_targets not in ("imagined", "real"):
         raise UsageError(f"--ppo.critic-targets must be imagined or real, got {cfg.ppo.critic_targets!r}")
+    if cfg.ppo.self_imitation < 0 or (cfg.ppo.self_imitation > 0 and cfg.ppo.critic_targets != "real"):
+        raise UsageError(
+            f"--ppo.self-imitation must be >= 0 and needs --ppo.critic-targets real, got {cfg.ppo.self_imitation}"
+        )
     if cfg.ppo.horizon <= 0:
         raise UsageError(f"--ppo.horizon must be positive, got {cfg.ppo.horizon}")
     if cfg.batch_size <= 0:

@@ -107,16 +107,17 @@ def real_value_step(
     rng: np.random.Generator,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """One critic step toward the real discounted returns (``returns``, from :meth:`ReplayBuffer.returns`)
-    of :data:`REAL_VALUE_WINDOWS` replay windows, encoded by ``wm`` as the policy sees them
-    (``ppo.critic_targets == "real"``); nothing when no window qualifies (under DDP: on any rank)."""
+    """:meth:`PPO.real_update` (a critic step toward real discounted returns, and self-imitation where the
+    config asks for it) on :data:`REAL_VALUE_WINDOWS` replay windows with their returns (``returns``, from
+    :meth:`ReplayBuffer.returns`), encoded by ``wm`` as the policy sees them (``ppo.critic_targets ==
+    "real"``); nothing when no window qualifies (under DDP: on any rank)."""
     real = replay.sample_with_returns(REAL_VALUE_WINDOWS, ppo.policy.cfg.history, returns, rng, device)
     if not (ppo.agree(real is not None) if ppo.agree is not None else real is not None):
         return {}
-    frames, targets = real
+    frames, actions, targets = real
     with torch.no_grad():
         windows = wm.encode(frames)
-    return ppo.value_update(windows, targets)
+    return ppo.real_update(windows, actions, targets)
 
 
 class DeviceError(ValueError):

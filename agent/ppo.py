@@ -12,7 +12,7 @@ from torch import nn
 from agent.policy import ActorCritic
 from agent.returns import gae
 from worldmodel.imagined_env import ImaginedEnv
-from worldmodel.twohot import symlog
+from worldmodel.twohot import symexp, symlog
 
 
 @dataclass
@@ -45,8 +45,13 @@ class PPOConfig:
     """EMA decay of the 5th-95th percentile range of returns that advantages are divided by."""
     critic_targets: str = "imagined"
     """What the critic learns from: ``imagined`` (the lambda-returns of the imagined rollouts) or ``real``
-    (the discounted returns of real replay windows, :meth:`PPO.value_update`; the advantages of imagined
+    (the discounted returns of real replay windows, :meth:`PPO.real_update`; the advantages of imagined
     steps are then bootstrapped by a critic that has seen how real lives end)."""
+    self_imitation: float = 0.0
+    """With ``critic_targets == "real"``: weight of self-imitation on the same real windows (Oh et al., 2018),
+    raising the probability of the action taken there by how much its real return beat the critic,
+    ``max(G - V, 0)``. Imagination does not tell a Breakout player that follows the ball from one that
+    does not (docs/breakout_world_model.md); the real returns do. 0 = off."""
 
 
 @dataclass
@@ -124,20 +129,30 @@ class PPO:
             torch.stack(truncs),
         )
 
-    def value_update(self, windows: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One gradient step of the critic toward real discounted returns ``[B]`` of latent windows
-        ``[B, K, E]`` (``critic_targets == "real"``); skipped, on every rank, if not finite."""
+    def real_update(
+        self, windows: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One gradient step on real replay windows ``[B, K, E]``, the actions taken at their last latent ``[B]``
+        and the real discounted returns from there ``[B]`` (``critic_targets == "real"``): the critic toward
+        the returns, and with ``self_imitation`` > 0 the actor toward the actions whose return beat the
+        critic. Skipped, on every rank, if not finite."""
         self.policy.train()
-        _, v = self.train_policy(windows)
+        logits, v = self.train_policy(windows)
         value_loss = F.mse_loss(v, symlog(returns))
         loss = self.cfg.value_coef * value_loss
+        metrics = {"policy/real_value_loss": value_loss.detach()}
+        if self.cfg.self_imitation > 0:
+            beat = (returns - symexp(v.detach())).clamp(min=0)
+            logp = torch.distributions.Categorical(logits=logits).log_prob(actions)
+            loss = loss - self.cfg.self_imitation * (logp * beat).mean()
+            metrics["policy/self_imitation_advantage"] = beat.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
         if self.agree(finite) if self.agree is not None else finite:
             self.optimizer.step()
-        return {"policy/real_value_loss": value_loss.detach()}
+        return metrics
 
     def update(self, ro: Rollout) -> dict[str, torch.Tensor]:
         """PPO epochs over one rollout; returns detached metrics."""
@@ -177,7 +192,7 @@ class PPO:
                 vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
                 ent = (dist.entropy() * w).mean()
                 loss = pg - cfg.entropy_coef * ent
-                if cfg.critic_targets == "imagined":  # else the critic learns in value_update only
+                if cfg.critic_targets == "imagined":  # else the critic learns in real_update only
                     loss = loss + cfg.value_coef * vloss
                 # Backward even on a non-finite loss: under DDP every rank must join every gradient
                 # average; the non-finite norm that follows skips the step on all of them.

@@ -227,10 +227,11 @@ class ReplayBuffer:
         returns: tuple[np.ndarray, np.ndarray],
         rng: np.random.Generator,
         device: torch.device | str = "cpu",
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``batch_size`` uniformly drawn windows of ``seq_len`` frames from single episodes, uint8
-        ``[B, L, H, W]``, and the complete return (``returns``, from :meth:`returns`) at each window's last
-        frame ``[B]``; ``None`` when fewer than ``seq_len`` steps are stored or no window qualifies."""
+        ``[B, L, H, W]``, the action taken at each window's last frame ``[B]`` (int64) and the complete
+        return (``returns``, from :meth:`returns`) from there ``[B]``; ``None`` when fewer than ``seq_len``
+        steps are stored or no window qualifies."""
         G, complete = returns
         if self.filled < seq_len:
             return None
@@ -242,7 +243,8 @@ class ReplayBuffer:
             if ok.sum() >= batch_size:
                 idx, envs = idx[ok][:batch_size], envs[ok][:batch_size]
                 frames = self._batch(idx, envs, device).frames
-                return frames, torch.from_numpy(G[idx[:, -1], envs]).to(device)
+                actions = torch.from_numpy(self.actions[idx[:, -1], envs].astype(np.int64)).to(device)
+                return frames, actions, torch.from_numpy(G[idx[:, -1], envs]).to(device)
         return None
 
     def save(self, directory: str | Path) -> None:

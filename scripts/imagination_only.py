@@ -64,6 +64,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baselines", action="store_true")
+    p.add_argument(
+        "--init-policy",
+        type=Path,
+        default=None,
+        help="start from these ActorCritic weights (e.g. RUN/tracker_clone.pt)",
+    )
+    p.add_argument("--critic-prefit", type=int, default=0, help="critic steps on real returns before any PPO update")
+    p.add_argument("--sil", type=float, default=0.0, help="--ppo.self-imitation (needs the real critic)")
+    p.add_argument("--no-ppo", action="store_true", help="skip the PPO update in imagination (self-imitation alone)")
     p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -81,9 +90,12 @@ def main() -> None:
         calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
     changes = {"entropy_coef": a.entropy, "horizon": a.horizon, "critic_targets": a.critic_targets}
+    changes |= {"self_imitation": a.sil} if a.sil else {}
     ppo_cfg = dataclasses.replace(cfg.ppo, **{k: v for k, v in changes.items() if v is not None})
     returns = replay.returns(ppo_cfg.gamma) if ppo_cfg.critic_targets == "real" else None
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)
+    if a.init_policy is not None:
+        policy.load_state_dict(torch.load(a.init_policy, weights_only=True))
     ppo = PPO(policy, ppo_cfg)
     imagined = ImaginedEnv(wm, ppo_cfg.horizon)
     eval_seed = 1000 + a.seed
@@ -104,15 +116,19 @@ def main() -> None:
             }
         )
     )
+    for _ in range(a.critic_prefit if returns is not None else 0):
+        real_value_step(ppo, wm, replay, returns, rng, device)
     window: list[dict[str, float]] = []
     for u in range(1, a.updates + 1):
-        starts = replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K]
-        rollout = ppo.rollout(imagined, starts)
-        if returns is not None:
-            real_value_step(ppo, wm, replay, returns, rng, device)
-        m = ppo.update(rollout)
-        keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")
-        window.append({k.split("/")[1]: float(m[k]) for k in keys})
+        if not a.no_ppo:
+            rollout = ppo.rollout(imagined, replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K])
+        real = real_value_step(ppo, wm, replay, returns, rng, device) if returns is not None else {}
+        row = {"self_imitation_advantage": float(real["policy/self_imitation_advantage"])} if a.sil else {}
+        if not a.no_ppo:
+            m = ppo.update(rollout)
+            keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")
+            row |= {k.split("/")[1]: float(m[k]) for k in keys}
+        window.append(row)
         if u % 100 == 0:
             mean = {k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]}
             print(json.dumps({"update": u, **mean, "seconds": round(time.time() - t0)}), flush=True)

@@ -68,6 +68,7 @@ def test_every_train_config_field_has_a_help_text() -> None:
         (["--num-envs", "0"], "--num-envs must be positive"),
         (["--ppo.horizon", "0"], "horizon must be positive"),
         (["--ppo.critic-targets", "both"], "critic-targets must be imagined or real"),
+        (["--ppo.self-imitation", "1"], "needs --ppo.critic-targets real"),
         (["--preset", "huge"], "unknown preset"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--world-model.context", "20", "--warmup-steps", "20", "--collect-steps", "20"], "raise --warmup-steps"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import torch
 
 from agent.config import preset
 from agent.dyna import DynaTrainer, calibrate_on_replay, load_agent, stratum_weights
+from agent.policy import ActorCritic
+from agent.ppo import PPO
 from agent.replay import random_replay
 from tests.helpers import train_quietly
 from worldmodel.world_model import WorldModel
@@ -112,6 +116,28 @@ def test_stratified_fit_without_rewards_is_the_uniform_fit() -> None:
     strat = calibrate_on_replay(wm, replay, np.random.default_rng(0))
     assert strat["reward_shift"] == pytest.approx(plain["reward_shift"], abs=1e-4)
     assert np.isfinite(strat["cont_shift"])
+
+
+def test_self_imitation_raises_the_actions_whose_real_return_beat_the_critic() -> None:
+    """``ppo.self_imitation``: on real windows, the action whose return beat the critic's value becomes
+    more likely; without it the actor's weights do not move (the critic's step alone)."""
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    policy = ActorCritic(cfg.policy, embed_dim=8, num_actions=3)
+    windows = torch.randn(2, cfg.policy.history, 8)
+    actions, returns = torch.tensor([1, 2]), torch.tensor([5.0, -5.0])  # values start at 0
+    for weight in (0.0, 1.0):
+        ppo = PPO(copy.deepcopy(policy), dataclasses.replace(cfg.ppo, critic_targets="real", self_imitation=weight))
+        before = torch.softmax(ppo.policy(windows)[0], -1)
+        actor = [p.detach().clone() for p in ppo.policy.actor.parameters()]
+        metrics = ppo.real_update(windows, actions, returns)
+        after = torch.softmax(ppo.policy(windows)[0], -1)
+        if weight == 0:
+            assert all(torch.equal(b, p) for b, p in zip(actor, ppo.policy.actor.parameters(), strict=True))
+            assert "policy/self_imitation_advantage" not in metrics
+        else:
+            assert after[0, 1] > before[0, 1] + 1e-3  # return 5 beat the value: action 1 more likely
+            assert float(metrics["policy/self_imitation_advantage"]) == pytest.approx(2.5, abs=0.1)
 
 
 def test_critic_learns_from_real_returns_when_asked(tmp_path: Path) -> None:

@@ -140,10 +140,11 @@ def test_sample_with_returns_pairs_each_window_with_its_last_frames_return() -> 
     buf = ReplayBuffer(capacity=3 * 80, num_envs=3)
     scripted_fill(buf, 80, 3, episode_len=12)
     returns = buf.returns(0.9)
-    frames, G = buf.sample_with_returns(64, 3, returns, np.random.default_rng(0))
+    frames, actions, G = buf.sample_with_returns(64, 3, returns, np.random.default_rng(0))
     assert frames.shape == (64, 3, 64, 64) and G.shape == (64,)
     step, env = frames[:, -1, 0, 0].long().numpy(), frames[:, -1, 0, 1].long().numpy()
     np.testing.assert_allclose(G.numpy(), returns[0][step, env])  # no wrap: slot == step
+    np.testing.assert_array_equal(actions.numpy(), step % 7)  # the action taken at the last frame
     assert returns[1][step, env].all()
     assert ReplayBuffer(capacity=40, num_envs=2).sample_with_returns(4, 3, returns, np.random.default_rng(0)) is None
 
