@@ -10,7 +10,13 @@ habit that any fixed rule would find is not taken for learning.
     python -m scripts.imagination_only runs/RUN --critic-targets real --horizon 5
 
 With ``--critic-targets real`` the critic learns from the replay's real discounted returns, one step of
-128 windows per update (as the Dyna loop does with ``--ppo.critic-targets real``), not from imagination.
+128 windows per update (as the Dyna loop does with ``--ppo.critic-targets real``), not from imagination;
+``--critic-prefit N`` gives it N such steps before the first update, ``--sil W`` adds self-imitation to
+its steps (``--ppo.self-imitation``; ``--no-ppo``: self-imitation alone), ``--init-policy`` starts from
+saved weights (``scripts/tracker_cloning.py``'s clone):
+
+    python -m scripts.imagination_only runs/RUN --init-policy runs/RUN/tracker_clone.pt --critic-prefit 400
+    python -m scripts.imagination_only runs/RUN --sil 1.0 --critic-prefit 400 [--no-ppo]
 """
 
 from __future__ import annotations
@@ -89,9 +95,13 @@ def main() -> None:
     if not a.bayes:
         calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
+    if a.no_ppo and not a.sil:
+        p.error("--no-ppo trains nothing without --sil")
     changes = {"entropy_coef": a.entropy, "horizon": a.horizon, "critic_targets": a.critic_targets}
     changes |= {"self_imitation": a.sil} if a.sil else {}
     ppo_cfg = dataclasses.replace(cfg.ppo, **{k: v for k, v in changes.items() if v is not None})
+    if a.sil and ppo_cfg.critic_targets != "real":
+        p.error("--sil needs the real critic (--critic-targets real, or a run that has it)")
     returns = replay.returns(ppo_cfg.gamma) if ppo_cfg.critic_targets == "real" else None
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)
     if a.init_policy is not None:
@@ -116,14 +126,19 @@ def main() -> None:
             }
         )
     )
-    for _ in range(a.critic_prefit if returns is not None else 0):
-        real_value_step(ppo, wm, replay, returns, rng, device)
+    if a.critic_prefit and returns is not None:
+        ppo.cfg = dataclasses.replace(ppo_cfg, self_imitation=0.0)  # the critic alone
+        for _ in range(a.critic_prefit):
+            real_value_step(ppo, wm, replay, returns, rng, device)
+        ppo.cfg = ppo_cfg
+        if a.init_policy is not None:  # the critic's steps move the norm the actor shares
+            print(json.dumps({"score_after_critic_prefit": real_score()}), flush=True)
     window: list[dict[str, float]] = []
     for u in range(1, a.updates + 1):
         if not a.no_ppo:
             rollout = ppo.rollout(imagined, replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K])
         real = real_value_step(ppo, wm, replay, returns, rng, device) if returns is not None else {}
-        row = {"self_imitation_advantage": float(real["policy/self_imitation_advantage"])} if a.sil else {}
+        row = {"self_imitation_advantage": float(real["policy/self_imitation_advantage"])} if a.sil and real else {}
         if not a.no_ppo:
             m = ppo.update(rollout)
             keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")
