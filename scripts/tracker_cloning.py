@@ -28,6 +28,7 @@ from agent.checkpoint import load_latest
 from agent.dyna import calibrate_on_replay, load_agent
 from agent.evaluate import evaluate
 from agent.policy import ActorCritic
+from agent.returns import discounted_returns
 from envs.annotations import RAM_POSITIONS
 from envs.atari import AtariGymEnv
 from envs.base import EnvSettings
@@ -37,19 +38,17 @@ from worldmodel.imagined_env import ImaginedEnv
 
 
 @torch.no_grad()
-def collect(wm, history: int, env_id: str, steps: int, explore: float, seed: int, num_envs: int = 8):
-    """Latent windows ``[N, history, E]`` and the tracker's decisions ``[N]`` on ``steps`` env steps
-    played by the tracker with ``explore`` of its actions random; also the episodes' returns."""
+def collect(wm, clone: ActorCritic, env_id: str, steps: int, explore: float, seed: int, num_envs: int = 8):
+    """Latent windows ``[N, history, E]`` as ``clone`` would read them and the tracker's decisions ``[N]`` on
+    ``steps`` env steps played by the tracker with ``explore`` of its actions random; also the episodes' returns."""
     env = AtariGymEnv(EnvSettings(env_id=env_id, num_envs=num_envs, seed=seed))
     rng = np.random.default_rng(seed)
-    frames = np.zeros((num_envs, history, 64, 64), np.uint8)
+    history = RealEnvActor(wm, clone, num_envs, torch.device("cpu"))  # its frame history, not its actions
     obs, info = env.reset(seed=seed)
     windows, labels, returns = [], [], []
     for _ in range(steps // num_envs):
-        frames[:, :-1] = frames[:, 1:]
-        frames[:, -1] = obs
-        frames[info["is_first"]] = obs[info["is_first"]][:, None]
-        windows.append(wm.encode(torch.from_numpy(frames)))
+        history.observe(obs, info["is_first"])
+        windows.append(wm.encode(torch.from_numpy(history.history)))
         decision = breakout_tracker(env.ram()[:, list(RAM_POSITIONS["breakout"])].astype(np.float32))
         labels.append(torch.from_numpy(decision))
         act = np.where(rng.random(num_envs) < explore, rng.integers(0, env.num_actions, num_envs), decision)
@@ -95,23 +94,15 @@ def critic_on_real_play(
     values, rewards, ends = [], [], []
     for _ in range(steps // num_envs):
         window = wm.encode(torch.from_numpy(actor_env.history))
-        values.append(critic.value(window[:, -critic.cfg.history :]).numpy())
+        values.append(critic.value(window).numpy())
         obs, r, term, trunc, info = env.step(actor.act(window).numpy())
         actor_env.observe(obs, info["is_first"])
         rewards.append(r)
         ends.append(term | trunc | info["life_loss"])
     env.close()
     v, r, e = np.stack(values), np.stack(rewards), np.stack(ends)
-    g, done, acc, finished = (
-        np.zeros_like(r),
-        np.zeros_like(e),
-        np.zeros(num_envs, np.float32),
-        np.zeros(num_envs, bool),
-    )
-    for t in range(len(r) - 1, -1, -1):
-        acc = r[t] + gamma * np.where(e[t], 0.0, acc)
-        finished |= e[t]
-        g[t], done[t] = acc, finished
+    g = discounted_returns(torch.from_numpy(r), torch.from_numpy(~e).float(), torch.zeros(num_envs), gamma).numpy()
+    done = np.flip(np.logical_or.accumulate(np.flip(e, 0), 0), 0)  # a life ends at or after t: g is complete
     v, g = v[done], g[done]
     return {
         "states": int(done.sum()),
@@ -185,7 +176,7 @@ def main() -> None:
 
 def fit_clone(clone: ActorCritic, wm, cfg, a, t0: float) -> None:
     """Cross-entropy of ``clone``'s actor on the tracker's decisions over ``a.steps`` env steps."""
-    x, y, tracker_returns = collect(wm, cfg.policy.history, cfg.env, a.steps, a.explore, seed=2000 + a.seed)
+    x, y, tracker_returns = collect(wm, clone, cfg.env, a.steps, a.explore, seed=2000 + a.seed)
     n_val = len(y) // 5  # the last fifth, later in time, held out
     print(
         json.dumps(
