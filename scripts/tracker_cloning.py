@@ -35,6 +35,7 @@ from envs.base import EnvSettings
 from envs.ram_players import breakout_tracker
 from scripts.ball_following import following
 from worldmodel.imagined_env import ImaginedEnv
+from worldmodel.twohot import symlog
 
 
 @torch.no_grad()
@@ -60,11 +61,12 @@ def collect(wm, clone: ActorCritic, env_id: str, steps: int, explore: float, see
 
 @torch.no_grad()
 def imagined_objective(
-    wm, actor: ActorCritic, critic: ActorCritic, starts: torch.Tensor, horizon: int, gamma: float
+    wm, actor: ActorCritic, critics: dict[str, ActorCritic], starts: torch.Tensor, horizon: int, gamma: float
 ) -> dict:
     """What PPO in imagination maximises, for ``actor`` from real contexts ``starts`` ``[B, K, H, W]``: the
-    discounted imagined rewards over ``horizon`` steps weighted by the imagined continues, plus ``critic``'s
-    value of the last imagined window (the real critic bootstraps the advantages); means over starts."""
+    discounted imagined rewards over ``horizon`` steps weighted by the imagined continues, plus a critic's
+    value of the last imagined window (the real critic bootstraps the advantages), for each of ``critics``
+    on the same rollouts; means over starts."""
     env = ImaginedEnv(wm, horizon)
     window = env.reset(starts)
     alive = torch.ones(len(starts))
@@ -73,19 +75,25 @@ def imagined_objective(
         window, r, c, _, _ = env.step(actor.act(window))
         rewards += gamma**t * alive * r
         alive = alive * c
-    bootstrap = gamma**horizon * alive * critic.value(window)
-    return {
-        "rewards": round(float(rewards.mean()), 4),
-        "alive_at_end": round(float(alive.mean()), 4),
-        "objective": round(float((rewards + bootstrap).mean()), 4),
-    }
+    out = {"rewards": round(float(rewards.mean()), 4), "alive_at_end": round(float(alive.mean()), 4)}
+    for name, critic in critics.items():
+        bootstrap = gamma**horizon * alive * critic.value(window)
+        out[f"objective_{name}"] = round(float((rewards + bootstrap).mean()), 4)
+    return out
 
 
 @torch.no_grad()
 def critic_on_real_play(
-    wm, actor: ActorCritic, critic: ActorCritic, env_id: str, steps: int, gamma: float, seed: int, num_envs: int = 8
+    wm,
+    actor: ActorCritic,
+    critics: dict[str, ActorCritic],
+    env_id: str,
+    steps: int,
+    gamma: float,
+    seed: int,
+    num_envs: int = 8,
 ) -> dict:
-    """``critic``'s values on the real states ``actor`` reaches over ``steps`` env steps, against the real
+    """Each critic's values on the real states ``actor`` reaches over ``steps`` env steps, against the real
     discounted returns to the end of each life there (as the critic's targets in a run)."""
     env = AtariGymEnv(EnvSettings(env_id=env_id, num_envs=num_envs, seed=seed))
     actor_env = RealEnvActor(wm, actor, num_envs, torch.device("cpu"))
@@ -94,7 +102,7 @@ def critic_on_real_play(
     values, rewards, ends = [], [], []
     for _ in range(steps // num_envs):
         window = wm.encode(torch.from_numpy(actor_env.history))
-        values.append(critic.value(window).numpy())
+        values.append(torch.stack([c.value(window) for c in critics.values()], -1).numpy())
         obs, r, term, trunc, info = env.step(actor.act(window).numpy())
         actor_env.observe(obs, info["is_first"])
         rewards.append(r)
@@ -103,13 +111,62 @@ def critic_on_real_play(
     v, r, e = np.stack(values), np.stack(rewards), np.stack(ends)
     g = discounted_returns(torch.from_numpy(r), torch.from_numpy(~e).float(), torch.zeros(num_envs), gamma).numpy()
     done = np.flip(np.logical_or.accumulate(np.flip(e, 0), 0), 0)  # a life ends at or after t: g is complete
-    v, g = v[done], g[done]
-    return {
+    v, g = v[done], g[done]  # [n, critics], [n]
+    out = {
         "states": int(done.sum()),
-        "value_mean": round(float(v.mean()), 3),
         "return_mean": round(float(g.mean()), 3),
-        "r2": round(float(1 - ((g - v) ** 2).mean() / g.var()), 3),
         "lives_lost_per_1000_steps": round(1000 * float(e.sum()) / e.size, 2),
+    }
+    for i, name in enumerate(critics):
+        out[f"value_mean_{name}"] = round(float(v[:, i].mean()), 3)
+        out[f"r2_{name}"] = round(float(1 - ((g - v[:, i]) ** 2).mean() / g.var()), 3)
+    return out
+
+
+def refit_critic(
+    wm, cfg, replay, run_critic: ActorCritic, steps: int, recent: float, windows: int, seed: int
+) -> tuple[ActorCritic, dict]:
+    """A fresh critic of the run's size fitted offline, ``steps`` Adam steps of 256, to the real returns of
+    ``windows`` replay windows (as the run's critic learns, but converged), drawn from the newest ``recent``
+    share of the replay only (1: all of it, the mixture of every past policy); also the run's critic's and
+    the refit's R^2 on a held-out tenth of those windows."""
+    rng = np.random.default_rng(seed)
+    G, complete = replay.returns(cfg.ppo.gamma)
+    L, n = cfg.policy.history, replay.filled
+    xs, gs = [], []
+    while sum(map(len, gs)) < windows:
+        starts = rng.integers(int(n * (1 - recent)), n - L + 1, size=1024)  # logical, oldest first
+        envs = rng.integers(0, replay.num_envs, size=1024)
+        idx, ok = replay._valid_windows(starts, envs, L)
+        ok &= complete[idx[:, -1], envs]
+        idx, envs = idx[ok], envs[ok]
+        with torch.no_grad():
+            xs.append(wm.encode(torch.from_numpy(replay.frames[idx, envs[:, None]])))
+        gs.append(torch.from_numpy(G[idx[:, -1], envs]))
+    x, targets = torch.cat(xs)[:windows], torch.cat(gs)[:windows]
+    perm = torch.randperm(len(x))
+    val, train = perm[: len(x) // 10], perm[len(x) // 10 :]
+    critic = ActorCritic(cfg.policy, x.shape[-1], wm.num_actions)
+    opt = torch.optim.Adam(critic.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+    for _ in range(steps):
+        j = train[torch.randint(len(train), (256,))]
+        _, v = critic(x[j])
+        loss = F.mse_loss(v, symlog(targets[j]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def r2(c: ActorCritic) -> float:
+        with torch.no_grad():
+            v, g = c.value(x[val]), targets[val]
+        return round(float(1 - ((g - v) ** 2).mean() / g.var()), 3)
+
+    return critic, {
+        "windows": len(x),
+        "recent": recent,
+        "steps": steps,
+        "held_out_r2_refit": r2(critic),
+        "held_out_r2_run": r2(run_critic),
     }
 
 
@@ -124,6 +181,9 @@ def main() -> None:
     p.add_argument("--starts", type=int, default=1024, help="replay contexts the imagined objective starts from")
     p.add_argument("--critic-steps", type=int, default=0, help="real env steps each policy plays for the critic check")
     p.add_argument("--refit", action="store_true", help="clone again even if RUN/tracker_clone.pt exists")
+    p.add_argument("--critic-refit", type=int, default=0, help="also fit a fresh critic offline, this many steps")
+    p.add_argument("--critic-recent", type=float, default=1.0, help="share of the replay, newest first, it fits on")
+    p.add_argument("--critic-windows", type=int, default=40_000, help="replay windows it fits on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -153,12 +213,20 @@ def main() -> None:
             "seconds": round(time.time() - t0),
         }
         print(json.dumps(result), flush=True)
+    critics = {"run": loaded.policy}
+    replay = None
+    if a.critic_refit or a.horizons:
+        _, replay, _ = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
+    if a.critic_refit:
+        critics["refit"], fit = refit_critic(
+            wm, cfg, replay, loaded.policy, a.critic_refit, a.critic_recent, a.critic_windows, seed=a.seed
+        )
+        print(json.dumps({"critic_refit": fit, "seconds": round(time.time() - t0)}), flush=True)
     if a.critic_steps:
         for name, actor in {"clone": clone, "run_policy": loaded.policy}.items():
-            check = critic_on_real_play(wm, actor, loaded.policy, cfg.env, a.critic_steps, cfg.ppo.gamma, eval_seed)
+            check = critic_on_real_play(wm, actor, critics, cfg.env, a.critic_steps, cfg.ppo.gamma, eval_seed)
             print(json.dumps({"critic_on_real_play_of": name, **check}), flush=True)
     if a.horizons:
-        _, replay, _ = load_latest(a.run, with_replay=True, warn=print, quarantine_broken=False)
         rng = np.random.default_rng(a.seed)
         wm.set_base_rates(*replay.base_rates())
         calibrate_on_replay(wm, replay, rng)
@@ -170,7 +238,7 @@ def main() -> None:
             row = {}
             for name, actor in actors.items():
                 torch.manual_seed(a.seed)
-                row[name] = imagined_objective(wm, actor, loaded.policy, starts, h, cfg.ppo.gamma)
+                row[name] = imagined_objective(wm, actor, critics, starts, h, cfg.ppo.gamma)
             print(json.dumps({"horizon": h, **row}), flush=True)
 
 
