@@ -99,7 +99,7 @@ def calibrate_on_replay(
     return wm.calibrate_heads(frames, actions, rewarded, ended, w_rew, w_end)
 
 
-def real_value_step(
+def real_update(
     ppo: PPO,
     wm: WorldModel,
     replay: ReplayBuffer,
@@ -508,9 +508,9 @@ class DynaTrainer:
         shifts = self.wm_act.head_shifts
         return {"imagination/reward_shift": shifts[0].clone(), "imagination/cont_shift": shifts[1].clone()}
 
-    def real_value_update(self, returns: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
-        """:func:`real_value_step` on this run's replay, with the acting model's latents."""
-        return real_value_step(self.ppo, self.wm_act, self.replay, returns, self.rng, self.device)
+    def real_update(self, returns: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+        """:func:`real_update` on this run's replay, with the acting model's latents."""
+        return real_update(self.ppo, self.wm_act, self.replay, returns, self.rng, self.device)
 
     def imagination_starts(self) -> torch.Tensor:
         """Latent windows ``[B, K, E]``, or real context frames when no batch has been encoded yet."""
@@ -622,7 +622,7 @@ class DynaTrainer:
                     rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
                     t1 = time.perf_counter()
                     if real_returns is not None:
-                        logger.add(self.real_value_update(real_returns))
+                        logger.add(self.real_update(real_returns))
                     logger.add(self.ppo.update(rollout))
                     if self.dist is not None:  # each rank scaled by its own rollouts; they keep one scale
                         self.ppo.return_scale = self.dist.mean(self.ppo.return_scale)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from agent.checkpoint import load_latest
-from agent.dyna import calibrate_on_replay, load_agent, real_value_step
+from agent.dyna import calibrate_on_replay, load_agent, real_update
 from agent.evaluate import evaluate
 from agent.policy import ActorCritic
 from agent.ppo import PPO
@@ -129,7 +129,7 @@ def main() -> None:
     if a.critic_prefit and returns is not None:
         ppo.cfg = dataclasses.replace(ppo_cfg, self_imitation=0.0)  # the critic alone
         for _ in range(a.critic_prefit):
-            real_value_step(ppo, wm, replay, returns, rng, device)
+            real_update(ppo, wm, replay, returns, rng, device)
         ppo.cfg = ppo_cfg
         if a.init_policy is not None:  # the critic's steps move the norm the actor shares
             print(json.dumps({"score_after_critic_prefit": real_score()}), flush=True)
@@ -137,7 +137,7 @@ def main() -> None:
     for u in range(1, a.updates + 1):
         if not a.no_ppo:
             rollout = ppo.rollout(imagined, replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K])
-        real = real_value_step(ppo, wm, replay, returns, rng, device) if returns is not None else {}
+        real = real_update(ppo, wm, replay, returns, rng, device) if returns is not None else {}
         row = {"self_imitation_advantage": float(real["policy/self_imitation_advantage"])} if a.sil and real else {}
         if not a.no_ppo:
             m = ppo.update(rollout)
