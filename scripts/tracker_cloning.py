@@ -127,22 +127,32 @@ def refit_critic(
     wm, cfg, replay, run_critic: ActorCritic, steps: int, recent: float, windows: int, seed: int
 ) -> tuple[ActorCritic, dict]:
     """A fresh critic of the run's size fitted offline, ``steps`` Adam steps of 256, to the real returns of
-    ``windows`` replay windows (as the run's critic learns, but converged), drawn from the newest ``recent``
-    share of the replay only (1: all of it, the mixture of every past policy); also the run's critic's and
-    the refit's R^2 on a held-out tenth of those windows."""
+    ``windows`` replay windows (as the run's critic learns, but offline and for many steps), drawn from the
+    newest ``recent`` share of the replay only (1: all of it, the mixture of every past policy); also the
+    run's critic's and the refit's R^2 on a held-out tenth of those windows (not independent of the rest:
+    neighbouring windows are nearly the same)."""
     rng = np.random.default_rng(seed)
     G, complete = replay.returns(cfg.ppo.gamma)
     L, n = cfg.policy.history, replay.filled
-    xs, gs = [], []
-    while sum(map(len, gs)) < windows:
-        starts = rng.integers(int(n * (1 - recent)), n - L + 1, size=1024)  # logical, oldest first
+    if not 0 < recent <= 1:
+        raise SystemExit(f"--critic-recent must be in (0, 1], got {recent}")
+    xs, gs, found = [], [], 0
+    for _ in range(16 * windows // 1024 + 16):
+        starts = rng.integers(min(int(n * (1 - recent)), n - L), n - L + 1, size=1024)  # logical, oldest first
         envs = rng.integers(0, replay.num_envs, size=1024)
         idx, ok = replay._valid_windows(starts, envs, L)
         ok &= complete[idx[:, -1], envs]
         idx, envs = idx[ok], envs[ok]
+        if not len(idx):
+            continue
         with torch.no_grad():
             xs.append(wm.encode(torch.from_numpy(replay.frames[idx, envs[:, None]])))
         gs.append(torch.from_numpy(G[idx[:, -1], envs]))
+        found += len(idx)
+        if found >= windows:
+            break
+    else:
+        raise SystemExit(f"only {found} complete windows found in the newest {recent} of the replay")
     x, targets = torch.cat(xs)[:windows], torch.cat(gs)[:windows]
     perm = torch.randperm(len(x))
     val, train = perm[: len(x) // 10], perm[len(x) // 10 :]
@@ -232,6 +242,7 @@ def main() -> None:
         calibrate_on_replay(wm, replay, rng)
         K = cfg.world_model.context
         starts = replay.sample(a.starts, K, rng, device).frames
+        torch.manual_seed(a.seed)  # the same fresh weights with or without a refit before
         uniform = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)  # near-uniform init
         actors = {"clone": clone, "run_policy": loaded.policy, "uniform": uniform}
         for h in a.horizons:
