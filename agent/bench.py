@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
+from agent.bench_graphs import add_parser as add_graphs_parser
+from agent.bench_graphs import graphs_main, synthetic_replay
 from agent.bench_learn import add_parser as add_learn_parser
 from agent.bench_learn import learn_main
 from agent.config import PRESETS, TrainConfig, UsageError, parse_config, preset, validate_config
@@ -111,27 +113,17 @@ def world_model_speed(
     the Dyna loop draws (main, heads' and dynamics batch; bf16 autocast on CUDA when ``amp``;
     ``compile`` times after compilation, which is reported apart)."""
     wm = WorldModel(cfg.world_model, num_actions=4).to(device)
-    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=amp, compile=compile)
+    graphs = cfg.cuda_graphs and not compile
+    trainer = WorldModelTrainer(wm, cfg.optim, device, amp=amp, compile=compile, graphs=graphs)
     B, L = cfg.batch_size, cfg.world_model.seq_len
     rng = np.random.default_rng(0)
-    buf = ReplayBuffer(max(B, cfg.head_batch_size, cfg.dynamics_batch_size) * 4 * max(L, 2 * wm.cfg.reward.window), 1)
-    for t in range(buf.slots):  # a reward every 9 steps and a lost life every 50, for the oversampled batches
-        buf.add(
-            rng.integers(0, 255, size=(1, 64, 64), dtype=np.uint8),
-            np.array([t % 4]),
-            np.array([float(t % 9 == 0)], np.float32),
-            np.zeros(1, bool),
-            np.zeros(1, bool),
-            np.array([t % 50 == 49]),
-            np.array([t == 0]),
-        )
-    batches = sample_world_model_batches(buf, cfg, rng, device)
+    batches = sample_world_model_batches(synthetic_replay(cfg, rng), cfg, rng, device)
     with FlopCounterMode(display=False) as counter:  # eager forward + backward: the FLOPs one update needs
         wm.loss_and_latents(*batches)[0].backward()
     flops = counter.get_total_flops()
     wm.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    for _ in range(3 if compile else 2):
+    for _ in range(5 if graphs else 3 if compile else 2):  # graphs: 3 eager, then capture and replay
         trainer.update(*batches)
     _sync(device)
     warmup_s = time.perf_counter() - t0
@@ -155,6 +147,7 @@ def world_model_speed(
         "dynamics_batch_size": cfg.dynamics_batch_size,
         "amp_bf16": float(amp and device.type == "cuda"),
         "compiled": float(compile),
+        "cuda_graphs": float(graphs and device.type == "cuda"),
         "first_updates_s": warmup_s,
         **{f"params_{k}": float(v) for k, v in params.items()},
     }
@@ -164,10 +157,11 @@ def imagination_speed(cfg: TrainConfig, device: torch.device, rollouts: int = 5)
     """Imagined latent steps/s (starts x horizon) and policy updates/s (one rollout + PPO epochs each)."""
     wm = WorldModel(cfg.world_model, num_actions=4).to(device)
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, 4).to(device)
-    ppo = PPO(policy, cfg.ppo)
+    ppo = PPO(policy, cfg.ppo, graphs=cfg.cuda_graphs)
     env = ImaginedEnv(wm, cfg.ppo.horizon)
     starts = torch.randn(cfg.ppo.num_starts, cfg.world_model.context, cfg.world_model.encoder.latent_dim, device=device)
-    ppo.update(ppo.rollout(env, starts))
+    for _ in range(5 if cfg.cuda_graphs else 1):  # graphs: 3 eager, then capture and replay
+        ppo.update(ppo.rollout(env, starts))
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(rollouts):
@@ -581,8 +575,9 @@ def bench_main(argv: list[str], device_of) -> int:
     w.add_argument("--out-dir", default="runs/world_model_check")
     w.epilog = "Any config flag of 'wm-agent train' (e.g. --world-model.pixel-gain 3) overrides the preset."
     add_learn_parser(sub)
+    add_graphs_parser(sub)
     args, overrides = p.parse_known_args(argv)
-    if overrides and args.what not in ("world-model", "speed"):
+    if overrides and args.what not in ("world-model", "speed", "graphs"):
         p.error(f"unrecognized arguments: {' '.join(overrides)}")
     if overrides and args.what == "speed" and args.preset is None:
         flags = " ".join(overrides)
@@ -595,4 +590,6 @@ def bench_main(argv: list[str], device_of) -> int:
         return learn_main(args)
     if args.what == "speed":
         return speed_main(args, device)
+    if args.what == "graphs":
+        return graphs_main(args, device)
     return world_model_check(args, device)

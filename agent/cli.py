@@ -164,6 +164,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
             msg = f"--replay-capacity {cfg.replay_capacity} over {ctx.world_size} ranks of {cfg.num_envs} envs"
             need = cfg.world_model.seq_len
             return _fail(f"{msg} leaves {per_rank} frames per stream, less than one sequence of {need}") if main else 2
+        if cfg.cuda_graphs:  # the graphed step decides its skips on the device, where ranks cannot agree
+            cfg.cuda_graphs = False
+            if main:
+                print("wm-agent train: --cuda-graphs is for one process; under torchrun the updates run eagerly")
     holder: dict[str, DynaTrainer | None] = {"trainer": None}
     early_stop = []
 

@@ -219,7 +219,7 @@ class DynaTrainer:
         agree = dist.all_ok if dist is not None else None
         self.wm = WorldModel(cfg.world_model, A).to(self.device)
         self.wm_trainer = WorldModelTrainer(
-            self.wm, cfg.optim, self.device, amp=cfg.amp, compile=cfg.compile, wrap=wrap, agree=agree
+            self.wm, cfg.optim, self.device, cfg.amp, cfg.compile, wrap, agree, graphs=cfg.cuda_graphs
         )
         if not 0.0 <= cfg.slow_world_model_decay < 1.0:
             raise ValueError(f"slow_world_model_decay must be in [0, 1), got {cfg.slow_world_model_decay}")
@@ -231,7 +231,7 @@ class DynaTrainer:
             raise ValueError(
                 f"policy.history {cfg.policy.history} exceeds world_model.context {cfg.world_model.context}"
             )
-        self.ppo = PPO(self.policy, cfg.ppo, wrap=wrap, agree=agree)
+        self.ppo = PPO(self.policy, cfg.ppo, wrap=wrap, agree=agree, graphs=cfg.cuda_graphs)
         if self.seed != cfg.seed:
             torch.manual_seed(self.seed)  # the ranks imagine and sample apart
         self.imagined = ImaginedEnv(self.wm_act, cfg.ppo.horizon)
@@ -429,10 +429,9 @@ class DynaTrainer:
         self.wm.load_state_dict_compat(state["world_model"])
         if self.wm_slow is not None:  # a checkpoint from before the slow copy starts it at the trained model
             self.wm_slow.load_state_dict_compat(state.get("world_model_slow", state["world_model"]))
-        self.wm_trainer.optimizer.load_state_dict(state["wm_optimizer"])
+        self.wm_trainer.load_optimizer_state(state["wm_optimizer"])
         self.policy.load_state_dict(state["policy"])
-        self.ppo.optimizer.load_state_dict(state["policy_optimizer"])
-        self.ppo.return_scale = state["return_scale"].to(self.device)
+        self.ppo.load_state(state["policy_optimizer"], state["return_scale"])
         self.counters = Counters(**{"train_seconds": None, **state["counters"]})
         self.wm_trainer.updates = state["wm_updates"]
         self.ppo.updates = state["policy_updates"]
@@ -530,7 +529,11 @@ class DynaTrainer:
         real = self.wm.to_float(batch.frames[:, K])
         return torch.cat([torch.cat(list(real), dim=1), torch.cat(list(pred), dim=1)], dim=0)[None].cpu()
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, at_log: bool = False) -> None:
+        """Stop on ``max_nonfinite_updates`` skipped updates in a row: after every update, or with
+        ``cuda_graphs`` (whose skip counts stay on the device) at each log line."""
+        if self.cfg.cuda_graphs and not at_log:
+            return
         limit = self.cfg.max_nonfinite_updates
         for name, owner in (("world-model", self.wm_trainer), ("policy", self.ppo)):
             if owner.consecutive_skipped >= limit:
@@ -638,6 +641,7 @@ class DynaTrainer:
                 next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every
             if c.env_steps >= next_log or c.env_steps >= cfg.steps or self.stopping:
                 self.sync_episodes()
+                self._check_finite(at_log=True)
                 total = sum(timings.values())
                 logger.add({f"time/{k}_fraction": v / total for k, v in timings.items() if total > 0})
                 logger.add(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torch import nn
 
 from agent.policy import ActorCritic
 from agent.returns import gae
+from worldmodel.graphs import GraphedStep, adapt_loaded_optimizer
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.twohot import symexp, symlog
 
@@ -77,6 +78,18 @@ class Rollout:
         return (self.rewards * self.weights).sum(0).mean()
 
 
+def categorical(logits: torch.Tensor) -> torch.distributions.Categorical:
+    """The policy's action distribution, without argument checks: they read values on the host, which
+    a CUDA graph cannot do (the logits come from a network; they are checked as the loss is)."""
+    return torch.distributions.Categorical(logits=logits, validate_args=False)
+
+
+def sample_actions(logits: torch.Tensor) -> torch.Tensor:
+    """Actions ``[B]`` drawn from ``softmax(logits [B, A])`` by an exponential race (Gumbel-max): what a
+    CUDA graph can replay (``torch.multinomial`` checks its input on the host)."""
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+
 class PPO:
     """Owns the policy's optimizer and the running return scale."""
 
@@ -86,48 +99,98 @@ class PPO:
         cfg: PPOConfig,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         agree: Callable[[bool], bool] | None = None,
+        graphs: bool = False,
     ) -> None:
         """``wrap`` (e.g. DistributedDataParallel) wraps the policy for its gradient steps only; ``agree``
-        turns this rank's "the step is finite" into every rank's verdict."""
+        turns this rank's "the step is finite" into every rank's verdict. ``graphs``: the rollout, the
+        update and the real-return step each replay as one CUDA graph (:class:`GraphedStep`; on the CPU
+        the same steps without capture), with a fused Adam, skips decided on the device and minibatches
+        drawn there; an update with a skipped minibatch reports that minibatch's figures too."""
+        if graphs and (wrap is not None or agree is not None):
+            raise ValueError("graphed PPO runs in one process")
         self.policy = policy
         self.agree = agree
         self.train_policy = wrap(policy) if wrap is not None else policy
         self.cfg = cfg
-        self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
-        self.return_scale = torch.ones(())
+        self.graphs = graphs
+        device = next(policy.parameters()).device
+        if graphs:
+            lr = torch.tensor(cfg.lr, device=device)
+            self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5, fused=True, capturable=True)
+            self.found_inf = torch.zeros((), device=device)
+            self.optimizer.found_inf = self.found_inf
+            self.return_scale = torch.ones((), device=device)
+            self._graphed = {
+                "rollout": GraphedStep(self._rollout_tensors),
+                "update": GraphedStep(self._device_update),
+                "real": GraphedStep(self._device_real_update),
+            }
+        else:
+            self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+            self.return_scale = torch.ones(())
+        self.quantiles = torch.tensor([0.05, 0.95], device=device)
         self.updates = 0
-        self.skipped = 0
-        self.consecutive_skipped = 0
+        self._skipped: int | torch.Tensor = torch.zeros((), device=device) if graphs else 0
+        self._consecutive: int | torch.Tensor = torch.zeros((), device=device) if graphs else 0
+
+    @property
+    def skipped(self) -> int:
+        """Updates with a skipped (non-finite) minibatch (a host sync on the graphed path)."""
+        return int(self._skipped)
+
+    @property
+    def consecutive_skipped(self) -> int:
+        return int(self._consecutive)
+
+    def load_state(self, optimizer: dict, return_scale: torch.Tensor) -> None:
+        """The optimizer's state and the return scale from a checkpoint of either path."""
+        if self.graphs and any(g.captured for g in self._graphed.values()):
+            raise RuntimeError("load PPO's state before the first graphed update")
+        self.optimizer.load_state_dict(optimizer)
+        adapt_loaded_optimizer(self.optimizer, self.graphs, self.quantiles.device)
+        if self.graphs:
+            self.return_scale.copy_(return_scale)
+        else:
+            self.return_scale = return_scale.to(self.quantiles.device)
 
     @torch.no_grad()
     def rollout(self, env: ImaginedEnv, start: torch.Tensor) -> Rollout:
         """Play the policy in ``env`` for its horizon from real frames ``[B, K, H, W]`` or latent
         windows ``[B, K, E]``."""
-        window = env.reset(start)
-        windows, actions, logprobs, rewards, conts, truncs = [window], [], [], [], [], []
-        for _ in range(env.horizon):
-            logits, _ = self.policy(window)
-            dist = torch.distributions.Categorical(logits=logits)
-            a = dist.sample()
-            window, r, c, trunc, _ = env.step(a)
-            windows.append(window)
-            actions.append(a)
-            logprobs.append(dist.log_prob(a))
-            rewards.append(r)
-            conts.append(c)
-            truncs.append(trunc)
-        ws = torch.stack(windows)
-        H1, B = ws.shape[:2]
-        values = self.policy.value(ws.flatten(0, 1)).view(H1, B)
-        return Rollout(
-            ws,
-            torch.stack(actions),
-            torch.stack(logprobs),
-            values,
-            torch.stack(rewards),
-            torch.stack(conts),
-            torch.stack(truncs),
-        )
+        if self.graphs:
+            window = env.reset(start)  # frames are encoded here, outside the graph
+            self._env = env
+            return Rollout(*self._graphed["rollout"](window))
+        return Rollout(*self._rollout_tensors(start, env))
+
+    def _rollout_tensors(self, start: torch.Tensor, env: ImaginedEnv | None = None) -> tuple[torch.Tensor, ...]:
+        env = env if env is not None else self._env
+        with torch.no_grad():
+            window = env.reset(start)
+            windows, actions, logprobs, rewards, conts, truncs = [window], [], [], [], [], []
+            for _ in range(env.horizon):
+                logits, _ = self.policy(window)
+                dist = categorical(logits)
+                a = sample_actions(logits) if self.graphs else dist.sample()
+                window, r, c, trunc, _ = env.step(a)
+                windows.append(window)
+                actions.append(a)
+                logprobs.append(dist.log_prob(a))
+                rewards.append(r)
+                conts.append(c)
+                truncs.append(trunc)
+            ws = torch.stack(windows)
+            H1, B = ws.shape[:2]
+            values = self.policy.value(ws.flatten(0, 1)).view(H1, B)
+            return (
+                ws,
+                torch.stack(actions),
+                torch.stack(logprobs),
+                values,
+                torch.stack(rewards),
+                torch.stack(conts),
+                torch.stack(truncs),
+            )
 
     def real_update(
         self, windows: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor
@@ -136,16 +199,9 @@ class PPO:
         and the real discounted returns from there ``[B]`` (``critic_targets == "real"``): the critic toward
         the returns, and with ``self_imitation`` > 0 the actor toward the actions whose return beat the
         critic. Skipped, on every rank, if not finite."""
-        self.policy.train()
-        logits, v = self.train_policy(windows)
-        value_loss = F.mse_loss(v, symlog(returns))
-        loss = self.cfg.value_coef * value_loss
-        metrics = {"policy/real_value_loss": value_loss.detach()}
-        if self.cfg.self_imitation > 0:
-            beat = (returns - symexp(v.detach())).clamp(min=0)
-            logp = torch.distributions.Categorical(logits=logits).log_prob(actions)
-            loss = loss - self.cfg.self_imitation * (logp * beat).mean()
-            metrics["policy/self_imitation_advantage"] = beat.mean()
+        if self.graphs:
+            return self._graphed["real"](windows, actions, returns)
+        loss, metrics = self._real_loss(windows, actions, returns)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
@@ -154,27 +210,97 @@ class PPO:
             self.optimizer.step()
         return metrics
 
-    def update(self, ro: Rollout) -> dict[str, torch.Tensor]:
-        """PPO epochs over one rollout; returns detached metrics."""
+    def _real_loss(
+        self, windows: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.policy.train()
+        logits, v = self.train_policy(windows)
+        value_loss = F.mse_loss(v, symlog(returns))
+        loss = self.cfg.value_coef * value_loss
+        metrics = {"policy/real_value_loss": value_loss.detach()}
+        if self.cfg.self_imitation > 0:
+            beat = (returns - symexp(v.detach())).clamp(min=0)
+            logp = categorical(logits).log_prob(actions)
+            loss = loss - self.cfg.self_imitation * (logp * beat).mean()
+            metrics["policy/self_imitation_advantage"] = beat.mean()
+        return loss, metrics
+
+    def _device_real_update(
+        self, windows: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        loss, metrics = self._real_loss(windows, actions, returns)
+        self._device_step(loss)
+        return metrics
+
+    def _device_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward and a fused Adam step that the device skips when the loss or gradient is not finite;
+        returns whether it was skipped (``[]``, 1.0 or 0.0)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
+        self.found_inf.copy_((~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float())
+        self.optimizer.step()
+        return self.found_inf.clone()
+
+    def _advantages(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GAE advantages ``[H, B]`` of a rollout, and its steps flattened for minibatches, the advantages
+        divided by the running spread of returns (updated here)."""
         cfg = self.cfg
         adv, ret = gae(ro.rewards, ro.values[:-1], ro.values[1:], ro.continues, ro.truncated, cfg.gamma, cfg.lam)
         # Divide by the spread of returns, never below 1: unlike per-batch std normalisation, this does
         # not blow up the noise advantages of a model that predicts no reward yet.
-        lo, hi = torch.quantile(ret.flatten().float(), torch.tensor([0.05, 0.95], device=ret.device))
-        self.return_scale = self.return_scale.to(ret.device)
-        self.return_scale = cfg.return_scale_decay * self.return_scale + (1 - cfg.return_scale_decay) * (hi - lo)
-        adv_n = adv / self.return_scale.clamp(min=1.0)
-
-        H, B = ro.actions.shape
+        lo, hi = torch.quantile(ret.flatten().float(), self.quantiles.to(ret.device))
+        scale = cfg.return_scale_decay * self.return_scale.to(ret.device) + (1 - cfg.return_scale_decay) * (hi - lo)
+        if self.graphs:
+            self.return_scale.copy_(scale)  # in place: the graph reads and writes one tensor
+        else:
+            self.return_scale = scale
         flat = {
             "windows": ro.windows[:-1].flatten(0, 1),
             "actions": ro.actions.flatten(),
             "logprobs": ro.logprobs.flatten(),
-            "adv": adv_n.flatten(),
+            "adv": (adv / self.return_scale.clamp(min=1.0)).flatten(),
             "ret": symlog(ret).flatten(),
             "w": ro.weights.flatten(),
         }
-        n = H * B
+        return adv, flat
+
+    def _minibatch_loss(
+        self, flat: dict[str, torch.Tensor], j: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The clipped PPO loss on the flattened steps ``j``, and its figures (detached)."""
+        cfg = self.cfg
+        logits, v = self.train_policy(flat["windows"][j])
+        dist = categorical(logits)
+        logp = dist.log_prob(flat["actions"][j])
+        ratio = (logp - flat["logprobs"][j]).exp()
+        a, w = flat["adv"][j], flat["w"][j]
+        pg = -(torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a) * w).mean()
+        vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
+        ent = (dist.entropy() * w).mean()
+        loss = pg - cfg.entropy_coef * ent
+        if cfg.critic_targets == "imagined":  # else the critic learns in real_update only
+            loss = loss + cfg.value_coef * vloss
+        with torch.no_grad():
+            stats = {
+                "pg": pg.detach(),
+                "v": vloss.detach(),
+                # The bonus above is scaled by the alive weights; report the policy's own entropy
+                # on the states it is likely to reach, comparable to log(num_actions).
+                "ent": ((dist.entropy() * w).sum() / w.sum().clamp(min=1e-6)).detach(),
+                "kl": (flat["logprobs"][j] - logp).mean().detach(),
+                "clipfrac": ((ratio - 1).abs() > cfg.clip).float().mean(),
+            }
+        return loss, stats
+
+    def update(self, ro: Rollout) -> dict[str, torch.Tensor]:
+        """PPO epochs over one rollout; returns detached metrics."""
+        self.updates += 1
+        if self.graphs:
+            return self._graphed["update"](*(getattr(ro, f.name) for f in fields(ro)))
+        cfg = self.cfg
+        adv, flat = self._advantages(ro)
+        n = ro.actions.numel()
         mb = max(1, n // cfg.minibatches)
         stats: dict[str, list[torch.Tensor]] = {"pg": [], "v": [], "ent": [], "kl": [], "clipfrac": []}
         self.policy.train()
@@ -182,18 +308,7 @@ class PPO:
         for _ in range(cfg.epochs):
             perm = torch.randperm(n, device=ro.actions.device)
             for i in range(0, n, mb):
-                j = perm[i : i + mb]
-                logits, v = self.train_policy(flat["windows"][j])
-                dist = torch.distributions.Categorical(logits=logits)
-                logp = dist.log_prob(flat["actions"][j])
-                ratio = (logp - flat["logprobs"][j]).exp()
-                a, w = flat["adv"][j], flat["w"][j]
-                pg = -(torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a) * w).mean()
-                vloss = (F.mse_loss(v, flat["ret"][j], reduction="none") * w).mean()
-                ent = (dist.entropy() * w).mean()
-                loss = pg - cfg.entropy_coef * ent
-                if cfg.critic_targets == "imagined":  # else the critic learns in real_update only
-                    loss = loss + cfg.value_coef * vloss
+                loss, mb_stats = self._minibatch_loss(flat, perm[i : i + mb])
                 # Backward even on a non-finite loss: under DDP every rank must join every gradient
                 # average; the non-finite norm that follows skips the step on all of them.
                 self.optimizer.zero_grad(set_to_none=True)
@@ -204,24 +319,44 @@ class PPO:
                     skipped += 1
                     continue
                 self.optimizer.step()
-                with torch.no_grad():
-                    stats["pg"].append(pg.detach())
-                    stats["v"].append(vloss.detach())
-                    # The bonus above is scaled by the alive weights; report the policy's own entropy
-                    # on the states it is likely to reach, comparable to log(num_actions).
-                    stats["ent"].append(((dist.entropy() * w).sum() / w.sum().clamp(min=1e-6)).detach())
-                    stats["kl"].append((flat["logprobs"][j] - logp).mean().detach())
-                    stats["clipfrac"].append(((ratio - 1).abs() > cfg.clip).float().mean())
-        self.updates += 1
+                for k, v in mb_stats.items():
+                    stats[k].append(v)
         if skipped:
-            self.skipped += 1
-            self.consecutive_skipped += 1
+            self._skipped += 1
+            self._consecutive += 1
         else:
-            self.consecutive_skipped = 0
+            self._consecutive = 0
         nan = torch.tensor(float("nan"))
         mean = {k: torch.stack(v).mean() if v else nan for k, v in stats.items()}
+        return self._update_metrics(ro, adv, mean, torch.tensor(float(self._skipped)))
+
+    def _device_update(self, *ro_fields: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`update` with the minibatches drawn and the skips decided on the device."""
+        ro = Rollout(*ro_fields)
+        cfg = self.cfg
+        adv, flat = self._advantages(ro)
+        n = ro.actions.numel()
+        mb = max(1, n // cfg.minibatches)
+        stats: dict[str, list[torch.Tensor]] = {"pg": [], "v": [], "ent": [], "kl": [], "clipfrac": []}
+        self.policy.train()
+        any_skipped = torch.zeros((), device=ro.actions.device)
+        for _ in range(cfg.epochs):
+            perm = torch.rand(n, device=ro.actions.device).argsort()
+            for i in range(0, n, mb):
+                loss, mb_stats = self._minibatch_loss(flat, perm[i : i + mb])
+                any_skipped = torch.maximum(any_skipped, self._device_step(loss))
+                for k, v in mb_stats.items():
+                    stats[k].append(v)
+        self._skipped.add_(any_skipped)
+        self._consecutive.add_(1).mul_(any_skipped)
+        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
+        return self._update_metrics(ro, adv, mean, self._skipped)
+
+    def _update_metrics(
+        self, ro: Rollout, adv: torch.Tensor, mean: dict[str, torch.Tensor], skipped: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         return {
-            "policy/skipped_updates": torch.tensor(float(self.skipped)),
+            "policy/skipped_updates": skipped,
             "policy/pg_loss": mean["pg"],
             "policy/value_loss": mean["v"],
             "policy/entropy": mean["ent"],

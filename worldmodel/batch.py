@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from torch.utils import _pytree as pytree
 
 
 @dataclass
@@ -35,3 +36,12 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+# A pytree node, so that a graphed step (``worldmodel/graphs.py``) takes batches as it takes tensors.
+pytree.register_pytree_node(
+    Batch,
+    lambda b: ([getattr(b, f.name) for f in fields(b)], None),
+    lambda values, _: Batch(*values),
+    serialized_type_name="worldmodel.batch.Batch",
+)

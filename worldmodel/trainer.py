@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from worldmodel.batch import Batch
+from worldmodel.graphs import GraphedStep, adapt_loaded_optimizer
 from worldmodel.world_model import WorldModel
 
 
@@ -36,14 +37,26 @@ class OptimConfig:
     """AdamW epsilon."""
 
 
-def autocast_context(device: torch.device, enabled: bool) -> torch.autocast:
+def autocast_context(device: torch.device, enabled: bool, cache: bool = True) -> torch.autocast:
     """bf16 autocast on CUDA when ``enabled``; a disabled context elsewhere (CPU runs fp32)."""
     use = enabled and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use, cache_enabled=cache)
 
 
-def make_optimizer(params: list[torch.nn.Parameter] | object, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
+def make_optimizer(params: list | object, cfg: OptimConfig, on_device: bool = False) -> torch.optim.AdamW:
+    """AdamW; ``on_device``: fused, its learning rate a tensor on the parameters' device, as a CUDA graph
+    needs (the step then reads it there, and can be skipped there through ``found_inf``)."""
+    if not on_device:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    params = list(params)
+    first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
+    lr = torch.tensor(cfg.lr, device=first.device)
+    optimizer = torch.optim.AdamW(
+        params, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=True, capturable=True
+    )
+    for group in optimizer.param_groups:  # each group its own tensor, set apart
+        group["lr"] = group["lr"].clone()
+    return optimizer
 
 
 class LossModule(nn.Module):
@@ -71,15 +84,20 @@ class WorldModelTrainer:
         compile: bool = False,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         agree: Callable[[bool], bool] | None = None,
+        graphs: bool = False,
     ) -> None:
         """``wrap`` (e.g. DistributedDataParallel) wraps the loss's module, so gradients are averaged over
         ranks; ``agree`` turns this rank's "the step is finite" into every rank's verdict, so all of them
-        skip the same steps."""
+        skip the same steps. ``graphs``: each update is one replayed CUDA graph (:class:`GraphedStep`; on
+        the CPU the same step without capture), with a fused AdamW and no host sync; a skipped update
+        still counts in ``updates``."""
         self.agree = agree
         self.model = model
         self.cfg = cfg
         self.device = device
         self.amp = amp
+        if graphs and (compile or wrap is not None or agree is not None):
+            raise ValueError("cuda_graphs runs one process without torch.compile; drop --compile or torchrun")
         loss_fn = wrap(LossModule(model)) if wrap is not None else model.loss_and_latents
         # Compiling the bound method leaves the module (and its state_dict keys) as they are.
         self.loss_and_latents = torch.compile(loss_fn) if compile else loss_fn
@@ -87,12 +105,45 @@ class WorldModelTrainer:
             encoder = list(model.encoder.parameters())
             ids = {id(p) for p in encoder}
             rest = [p for p in model.parameters() if id(p) not in ids]
-            self.optimizer = make_optimizer([{"params": rest}, {"params": encoder}], cfg)
+            groups: list[dict] | object = [{"params": rest}, {"params": encoder}]
         else:  # one group, as checkpoints written before the option have
-            self.optimizer = make_optimizer(model.parameters(), cfg)
+            groups = model.parameters()
+        self.optimizer = make_optimizer(groups, cfg, on_device=graphs)
+        self.graphs = graphs
         self.updates = 0
-        self.skipped = 0
-        self.consecutive_skipped = 0
+        self._skipped: int | torch.Tensor = 0
+        self._consecutive: int | torch.Tensor = 0
+        if graphs:
+            # The step decides on the device whether to skip (the fused optimizer reads ``found_inf``) and
+            # counts there: no host sync per update.
+            self.found_inf = torch.zeros((), device=device)
+            self.optimizer.found_inf = self.found_inf
+            self._skipped = torch.zeros((), device=device)
+            self._consecutive = torch.zeros((), device=device)
+            self.graphed = GraphedStep(self._device_step)
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped for a non-finite loss or gradient (a host sync on the graphed path)."""
+        return int(self._skipped)
+
+    @property
+    def consecutive_skipped(self) -> int:
+        return int(self._consecutive)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """The optimizer's state from a checkpoint of either path; before the first graphed update."""
+        if self.graphs and self.graphed.captured:
+            raise RuntimeError("load the optimizer's state before the first graphed update")
+        self.optimizer.load_state_dict(state)
+        adapt_loaded_optimizer(self.optimizer, self.graphs, self.device)
+
+    def _set_lr(self, group: int, value: float) -> None:
+        g = self.optimizer.param_groups[group]
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(value)  # read by the graph on the device
+        else:
+            g["lr"] = value
 
     def update(
         self, batch: Batch, head_batch: Batch | None = None, dynamics_batch: Batch | None = None
@@ -102,10 +153,13 @@ class WorldModelTrainer:
         ``[B, K+P, E]``. A non-finite loss or gradient norm skips the step (counted in ``skipped``)."""
         self.model.train()
         warmup = max(1, self.cfg.warmup_updates)
-        self.optimizer.param_groups[0]["lr"] = self.cfg.lr * min(1.0, (self.updates + 1) / warmup)
+        self._set_lr(0, self.cfg.lr * min(1.0, (self.updates + 1) / warmup))
         if len(self.optimizer.param_groups) == 2:  # the encoder's
             held = max(0, self.updates + 1 - self.cfg.encoder_hold_updates)
-            self.optimizer.param_groups[1]["lr"] = self.cfg.lr * min(1.0, held / warmup)
+            self._set_lr(1, self.cfg.lr * min(1.0, held / warmup))
+        if self.graphs:
+            self.updates += 1
+            return self.graphed(batch, head_batch, dynamics_batch)
         with autocast_context(self.device, self.amp):
             loss, metrics, latents = self.loss_and_latents(batch, head_batch, dynamics_batch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -116,11 +170,30 @@ class WorldModelTrainer:
         if self.agree(finite) if self.agree is not None else finite:
             self.optimizer.step()
             self.updates += 1
-            self.consecutive_skipped = 0
+            self._consecutive = 0
             metrics["world_model/grad_norm"] = grad_norm.detach()
             return metrics, latents.float()
-        self.skipped += 1
-        self.consecutive_skipped += 1
+        self._skipped += 1
+        self._consecutive += 1
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["world_model/skipped_updates"] = torch.tensor(float(self.skipped))
+        metrics["world_model/skipped_updates"] = torch.tensor(float(self._skipped))
+        return metrics, latents.float()
+
+    def _device_step(
+        self, batch: Batch, head_batch: Batch | None, dynamics_batch: Batch | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The graphed update: the eager one's loss, gradient and clipping, with the skip decided on the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        # A graph cannot keep autocast's cache of cast weights between replays.
+        with autocast_context(self.device, self.amp, cache=False):
+            loss, metrics, latents = self.loss_and_latents(batch, head_batch, dynamics_batch)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        self.found_inf.copy_((~finite).float())
+        self.optimizer.step()
+        self._skipped.add_(self.found_inf)
+        self._consecutive.add_(1).mul_(self.found_inf)
+        metrics["world_model/grad_norm"] = grad_norm.detach()
+        metrics["world_model/skipped_updates"] = self._skipped
         return metrics, latents.float()

@@ -579,7 +579,7 @@ class WorldModel(nn.Module):
         rew, cont = torch.cat(rewards), torch.cat(conts)
         # predicted pairs [:n], real pairs [n:o], open-loop pairs [o:o+n], head-batch pairs after
         n, o = B * P, B * P + B * (L - W)
-        real = torch.cat([torch.arange(n, o), torch.arange(o + n, len(rew))]).to(rew.device)
+        real = torch.cat([torch.arange(n, o, device=rew.device), torch.arange(o + n, len(rew), device=rew.device)])
         train = slice(None) if lc.heads_on_predicted else real
         t_rew, t_cont, t_logits = rew[train], cont[train], rew_logits[train]
         rew_ce = -(twohot(t_rew, self.reward_bins) * t_logits.log_softmax(-1)).sum(-1)
