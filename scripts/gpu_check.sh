@@ -9,8 +9,8 @@
 #    over 100 episodes; metrics.jsonl, summary.json, eval.json and the learning curve copied to OUT_DIR.
 # Try it elsewhere first: DEVICE=cpu PRESET=debug bash scripts/gpu_check.sh /tmp/gpu_check (must pass).
 # DEVICE, PRESET, STEPS, TRAIN_LIMIT, EPISODES, STAGES (speed,train: both; speed or train: one; a device
-# call runs at most 10 minutes, so on a lent GPU run them as two calls) and PYTHON may be set. Off CUDA
-# the speed stages get 4x their limits.
+# call runs at most 10 minutes, so on a lent GPU run them as two calls, the second with TRAIN_LIMIT=420 to
+# leave time for the evaluation) and PYTHON may be set. Off CUDA the speed stages get 4x their limits.
 set -uo pipefail
 OUT=${1:-runs/gpu_check}
 DEVICE=${DEVICE:-cuda}
