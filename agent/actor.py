@@ -13,8 +13,16 @@ class RealEnvActor:
     """Acts in the real vector env with the policy, from the same latent history it sees in imagination:
     the last frames of each copy (the first frame repeated at an episode start), freshly encoded."""
 
-    def __init__(self, wm: WorldModel, policy: ActorCritic, num_envs: int, device: torch.device) -> None:
-        self.wm, self.policy, self.device = wm, policy, device
+    def __init__(
+        self,
+        wm: WorldModel,
+        policy: ActorCritic,
+        num_envs: int,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """``generator``: actions drawn from it (:func:`sample_actions`), not from torch's global one."""
+        self.wm, self.policy, self.device, self.generator = wm, policy, device, generator
         self.history = np.zeros((num_envs, policy.cfg.history, 64, 64), dtype=np.uint8)
 
     def observe(self, obs: np.ndarray, is_first: np.ndarray) -> None:
@@ -28,4 +36,4 @@ class RealEnvActor:
         self.wm.eval()
         self.policy.eval()
         window = self.wm.encode(torch.from_numpy(self.history).to(self.device))  # (N, h, E)
-        return self.policy.act(window, greedy=greedy).cpu().numpy()
+        return self.policy.act(window, greedy=greedy, generator=self.generator).cpu().numpy()

@@ -168,6 +168,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: str | None, ctx: distributed
             cfg.cuda_graphs = False
             if main:
                 print("wm-agent train: --cuda-graphs is for one process; under torchrun the updates run eagerly")
+        if cfg.overlap_collection:  # the ranks stop together through collectives the thread cannot join
+            cfg.overlap_collection = False
+            if main:
+                print("wm-agent train: --overlap-collection is for one process; under torchrun ranks collect in turn")
     holder: dict[str, DynaTrainer | None] = {"trainer": None}
     early_stop = []
 

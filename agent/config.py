@@ -56,6 +56,13 @@ class TrainConfig:
     (``worldmodel/graphs.py``): on an H100 the eager update spent 46-85 ms launching kernels for 0.3 ms of
     arithmetic. A skipped (non-finite) update still counts, and the non-finite check runs at each log
     line. Off CUDA the same step runs without capture; not with ``compile`` or torchrun."""
+    overlap_collection: bool = False
+    """Collect each iteration's real steps in a background thread while the device learns from the
+    replay, so it does not wait on the emulator. The thread acts with a CPU copy of the acting world model
+    and policy taken when its steps start (one iteration staler than without) and random streams of its
+    own, seeded from the seed and the env steps so far (a run from its start is reproducible; a resumed
+    one seeds them afresh); its steps reach the replay at the next iteration, as they would. On a stop
+    the steps in flight end early and are kept. Not under torchrun."""
     warmup_steps: int = 5_000
     """Random-action env steps before any learning."""
     collect_steps: int = 256
@@ -172,6 +179,7 @@ def preset(name: str) -> TrainConfig:
             ppo=PPOConfig(num_starts=1024, horizon=5, critic_targets="real"),  # as the cpu preset (not run here)
             policy=PolicyConfig(hidden_dim=512),
             cuda_graphs=True,
+            overlap_collection=True,
         )
     if name == "cpu":
         return TrainConfig(

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +150,20 @@ class Counters:
     for a run resumed from a checkpoint written before it was counted."""
 
 
+@dataclass
+class Chunk:
+    """Real lockstep steps of every env copy, collected and not yet in the replay."""
+
+    transitions: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+    """``(frames, actions, rewards, terminated, truncated, life_loss, is_first)`` of each lockstep step,
+    as :meth:`ReplayBuffer.add` takes them."""
+    episodes: list[tuple[float, int]] = field(default_factory=list)
+    """(return, env steps into the chunk when it ended) of each episode that ended."""
+    lengths: list[float] = field(default_factory=list)
+    env_steps: int = 0
+    """Env steps of all copies (and ranks)."""
+
+
 class NonFiniteError(RuntimeError):
     """Losses stayed NaN/inf for ``max_nonfinite_updates`` updates in a row."""
 
@@ -236,7 +252,14 @@ class DynaTrainer:
             torch.manual_seed(self.seed)  # the ranks imagine and sample apart
         self.imagined = ImaginedEnv(self.wm_act, cfg.ppo.horizon)
         self.replay = ReplayBuffer(cfg.replay_capacity // self.world_size, cfg.num_envs)
-        self.actor = RealEnvActor(self.wm_act, self.policy, cfg.num_envs, self.device)
+        if cfg.overlap_collection:  # the thread acts with CPU copies, refreshed before each of its chunks
+            actor_wm, actor_policy = make_slow_copy(self.wm_act).cpu(), make_slow_copy(self.policy).cpu()
+            actor_rng = torch.Generator().manual_seed(self.seed)
+            self.actor = RealEnvActor(actor_wm, actor_policy, cfg.num_envs, torch.device("cpu"), actor_rng)
+        else:
+            self.actor = RealEnvActor(self.wm_act, self.policy, cfg.num_envs, self.device)
+        self.obs: np.ndarray | None = None
+        self.is_first: np.ndarray | None = None
         self.counters = Counters()
         self.episode_returns: list[float] = []
         self.episode_end_steps: list[int] = []
@@ -549,15 +572,63 @@ class DynaTrainer:
                 )
 
     # --- the loop ----------------------------------------------------------------------------
+    def collect(self, steps: int, start: int, rng: np.random.Generator, stop: Callable[[], bool]) -> Chunk:
+        """Step every env copy in lockstep until ``steps`` env steps (all copies and ranks) are collected or
+        ``stop()``: random actions from ``rng`` while the run (``start`` env steps so far) is in its warm-up,
+        the actor's after. Touches only the envs and the actor, so a thread may run it beside learning."""
+        cfg, chunk = self.cfg, Chunk()
+        step_all = cfg.num_envs * self.world_size
+        while chunk.env_steps < steps and not stop():
+            if start + chunk.env_steps < cfg.warmup_steps:
+                action = rng.integers(0, self.env.num_actions, size=cfg.num_envs)
+            else:
+                action = self.actor.act()
+            nxt, rew, term, trunc, info = self.env.step(action)
+            step = (self.obs, action, rew, term, trunc, info["life_loss"], self.is_first)
+            chunk.transitions.append(tuple(np.array(x, copy=True) for x in step))  # the env may reuse its arrays
+            self.obs, self.is_first = nxt, info["is_first"]
+            self.actor.observe(self.obs, self.is_first)
+            done = ~np.isnan(info["episode_return"])
+            chunk.episodes += [(float(r), chunk.env_steps + step_all) for r in info["episode_return"][done]]
+            chunk.lengths += [float(n) for n in info["episode_length"][done]]
+            chunk.env_steps += step_all
+        return chunk
+
+    def absorb(self, chunk: Chunk, logger: RunLogger) -> None:
+        """Put a collected chunk into the replay, and count its env steps and episodes."""
+        c = self.counters
+        for transition in chunk.transitions:
+            self.replay.add(*transition)
+        for ret, end in chunk.episodes:
+            self.new_episodes.append((ret, c.env_steps + end))
+            logger.add({"charts/episode_return": ret})
+        for n in chunk.lengths:
+            logger.add({"charts/episode_length": n})
+        if self.dist is None:
+            self.sync_episodes()
+        c.env_steps += chunk.env_steps
+
+    def refresh_actor(self) -> None:
+        """With ``overlap_collection``: the thread's CPU copies take the acting model's and policy's weights."""
+        self.actor.wm.load_state_dict(self.wm_act.state_dict())
+        self.actor.policy.load_state_dict(self.policy.state_dict())
+
     def train(self, logger: RunLogger, final_checkpoint: bool = True) -> dict[str, float]:
         """Run until ``cfg.steps`` env steps or :meth:`request_stop`; then write a checkpoint."""
         cfg, c = self.cfg, self.counters
-        N = cfg.num_envs
-        step_all = N * self.world_size
-        """Env steps one lockstep step adds over all ranks."""
-        obs, info = self.env.reset(seed=self.seed + c.env_steps)
-        is_first = info["is_first"]
-        self.actor.observe(obs, is_first)
+        self.obs, info = self.env.reset(seed=self.seed + c.env_steps)
+        self.is_first = info["is_first"]
+        self.actor.observe(self.obs, self.is_first)
+        overlap = cfg.overlap_collection
+        # The thread's own random streams, seeded from the seed and the steps so far (not checkpointed).
+        collect_rng = np.random.default_rng([self.seed, c.env_steps]) if overlap else self.rng
+        if overlap:
+            self.actor.generator.manual_seed(self.seed * 1_000_003 + c.env_steps)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect") if overlap else None
+        abort = threading.Event()
+        pending: Future[Chunk] | None = None
+        if overlap:
+            self.refresh_actor()  # the copies were made before a checkpoint was loaded
         next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
         next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every if cfg.checkpoint_every else None
         next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every if cfg.image_every else None
@@ -567,100 +638,99 @@ class DynaTrainer:
         def seconds_so_far() -> float | None:
             return None if seconds_before is None else seconds_before + time.perf_counter() - t_start
 
-        while c.env_steps < cfg.steps and not self.poll_stop():
-            t0 = time.perf_counter()
-            steps_this_iter = 0
-            while steps_this_iter < cfg.collect_steps and c.env_steps < cfg.steps and not self.poll_stop():
-                if c.env_steps < cfg.warmup_steps:
-                    action = self.rng.integers(0, self.env.num_actions, size=N)
-                else:
-                    action = self.actor.act()
-                nxt, rew, term, trunc, info = self.env.step(action)
-                self.replay.add(obs, action, rew, term, trunc, info["life_loss"], is_first)
-                obs, is_first = nxt, info["is_first"]
-                self.actor.observe(obs, is_first)
-                done = ~np.isnan(info["episode_return"])
-                for r in info["episode_return"][done]:
-                    self.new_episodes.append((float(r), c.env_steps + step_all))
-                    logger.add({"charts/episode_return": float(r)})
-                for n in info["episode_length"][done]:
-                    logger.add({"charts/episode_length": float(n)})
-                if self.dist is None:
-                    self.sync_episodes()
-                c.env_steps += step_all
-                steps_this_iter += step_all
-            timings["collect"] += time.perf_counter() - t0
-            c.iterations += 1
-
-            if c.env_steps >= cfg.warmup_steps:
+        try:
+            while c.env_steps < cfg.steps and not self.poll_stop():
                 t0 = time.perf_counter()
-                if not c.pretrain_done:
-                    c.wm_budget += cfg.wm_pretrain_updates
-                    c.pretrain_done = True
-                c.wm_budget += steps_this_iter * cfg.wm_train_ratio
-                block = int(c.wm_budget)
-                while c.wm_budget >= 1 and not self.poll_stop():
-                    batch, head_batch, dynamics_batch = sample_world_model_batches(
-                        self.replay, cfg, self.rng, self.device
+                if pending is not None:  # collected while the last iteration learned
+                    chunk, pending = pending.result(), None
+                else:
+                    n = min(cfg.collect_steps, cfg.steps - c.env_steps)
+                    chunk = self.collect(n, c.env_steps, collect_rng, self.poll_stop)
+                self.absorb(chunk, logger)
+                steps_this_iter = chunk.env_steps
+                if pool is not None and c.env_steps < cfg.steps and not self.stop_requested:
+                    self.refresh_actor()
+                    n = min(cfg.collect_steps, cfg.steps - c.env_steps)
+                    halt = lambda: self.stop_requested or abort.is_set()  # noqa: E731
+                    pending = pool.submit(self.collect, n, c.env_steps, collect_rng, halt)
+                timings["collect"] += time.perf_counter() - t0
+                c.iterations += 1
+
+                if c.env_steps >= cfg.warmup_steps:
+                    t0 = time.perf_counter()
+                    if not c.pretrain_done:
+                        c.wm_budget += cfg.wm_pretrain_updates
+                        c.pretrain_done = True
+                    c.wm_budget += steps_this_iter * cfg.wm_train_ratio
+                    block = int(c.wm_budget)
+                    while c.wm_budget >= 1 and not self.poll_stop():
+                        batch, head_batch, dynamics_batch = sample_world_model_batches(
+                            self.replay, cfg, self.rng, self.device
+                        )
+                        metrics = self.world_model_update(batch, head_batch, dynamics_batch)
+                        c.wm_budget -= 1
+                        logger.add(metrics)
+                        self._check_finite()
+                        done_in_block = block - int(c.wm_budget)
+                        if block > 100 and done_in_block % 100 == 0:
+                            loss = float(metrics["world_model/loss"])
+                            logger.phase(f"world-model pretraining: {done_in_block}/{block} updates, loss {loss:.3g}")
+                    timings["world_model"] += time.perf_counter() - t0
+
+                    if self.wm_trainer.updates >= cfg.policy_start_updates:
+                        c.policy_budget += steps_this_iter * cfg.policy_train_ratio
+                    if c.policy_budget >= 1:
+                        t0 = time.perf_counter()
+                        logger.add(self.calibrate_heads())
+                        timings["imagination"] += time.perf_counter() - t0
+                        real_returns = self.replay.returns(cfg.ppo.gamma) if cfg.ppo.critic_targets == "real" else None
+                    while c.policy_budget >= 1 and not self.poll_stop():
+                        t0 = time.perf_counter()
+                        rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
+                        t1 = time.perf_counter()
+                        if real_returns is not None:
+                            logger.add(self.real_update(real_returns))
+                        logger.add(self.ppo.update(rollout))
+                        if self.dist is not None:  # each rank scaled by its own rollouts; they keep one scale
+                            self.ppo.return_scale = self.dist.mean(self.ppo.return_scale)
+                        c.policy_budget -= 1
+                        self._check_finite()
+                        timings["imagination"] += t1 - t0
+                        timings["policy"] += time.perf_counter() - t1
+
+                if next_image is not None and c.env_steps >= next_image and c.env_steps >= cfg.warmup_steps:
+                    if self.dist is None or self.dist.is_main:
+                        image = self.prediction_image()
+                        logger.add_image("world_model/next_frame_real_vs_predicted", image, c.env_steps)
+                    next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every
+                if c.env_steps >= next_log or c.env_steps >= cfg.steps or self.stopping:
+                    self.sync_episodes()
+                    self._check_finite(at_log=True)
+                    total = sum(timings.values())
+                    logger.add({f"time/{k}_fraction": v / total for k, v in timings.items() if total > 0})
+                    logger.add(
+                        {
+                            "charts/episodes": float(c.episodes),
+                            "charts/replay_size": float(len(self.replay)),
+                            "world_model/updates": float(self.wm_trainer.updates),
+                            "policy/updates": float(self.ppo.updates),
+                        }
                     )
-                    metrics = self.world_model_update(batch, head_batch, dynamics_batch)
-                    c.wm_budget -= 1
-                    logger.add(metrics)
-                    self._check_finite()
-                    done_in_block = block - int(c.wm_budget)
-                    if block > 100 and done_in_block % 100 == 0:
-                        loss = float(metrics["world_model/loss"])
-                        logger.phase(f"world-model pretraining: {done_in_block}/{block} updates, loss {loss:.3g}")
-                timings["world_model"] += time.perf_counter() - t0
-
-                if self.wm_trainer.updates >= cfg.policy_start_updates:
-                    c.policy_budget += steps_this_iter * cfg.policy_train_ratio
-                if c.policy_budget >= 1:
-                    t0 = time.perf_counter()
-                    logger.add(self.calibrate_heads())
-                    timings["imagination"] += time.perf_counter() - t0
-                    real_returns = self.replay.returns(cfg.ppo.gamma) if cfg.ppo.critic_targets == "real" else None
-                while c.policy_budget >= 1 and not self.poll_stop():
-                    t0 = time.perf_counter()
-                    rollout = self.ppo.rollout(self.imagined, self.imagination_starts())
-                    t1 = time.perf_counter()
-                    if real_returns is not None:
-                        logger.add(self.real_update(real_returns))
-                    logger.add(self.ppo.update(rollout))
-                    if self.dist is not None:  # each rank scaled by its own rollouts; they keep one scale
-                        self.ppo.return_scale = self.dist.mean(self.ppo.return_scale)
-                    c.policy_budget -= 1
-                    self._check_finite()
-                    timings["imagination"] += t1 - t0
-                    timings["policy"] += time.perf_counter() - t1
-
-            if next_image is not None and c.env_steps >= next_image and c.env_steps >= cfg.warmup_steps:
-                if self.dist is None or self.dist.is_main:
-                    image = self.prediction_image()
-                    logger.add_image("world_model/next_frame_real_vs_predicted", image, c.env_steps)
-                next_image = (c.env_steps // cfg.image_every + 1) * cfg.image_every
-            if c.env_steps >= next_log or c.env_steps >= cfg.steps or self.stopping:
-                self.sync_episodes()
-                self._check_finite(at_log=True)
-                total = sum(timings.values())
-                logger.add({f"time/{k}_fraction": v / total for k, v in timings.items() if total > 0})
-                logger.add(
-                    {
-                        "charts/episodes": float(c.episodes),
-                        "charts/replay_size": float(len(self.replay)),
-                        "world_model/updates": float(self.wm_trainer.updates),
-                        "policy/updates": float(self.ppo.updates),
-                    }
-                )
-                if self.episode_returns:
-                    logger.add({"charts/return_last100": float(np.mean(self.episode_returns[-100:]))})
-                logger.flush(c.env_steps)
-                next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
-            healthy = self.wm_trainer.consecutive_skipped == 0 and self.ppo.consecutive_skipped == 0
-            if next_ckpt is not None and c.env_steps >= next_ckpt and not self.stopping and healthy:
-                c.train_seconds = seconds_so_far()
-                self.save_checkpoint()
-                next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+                    if self.episode_returns:
+                        logger.add({"charts/return_last100": float(np.mean(self.episode_returns[-100:]))})
+                    logger.flush(c.env_steps)
+                    next_log = (c.env_steps // cfg.log_every + 1) * cfg.log_every
+                due = next_ckpt is not None and c.env_steps >= next_ckpt and not self.stopping
+                if due and self.wm_trainer.consecutive_skipped == 0 and self.ppo.consecutive_skipped == 0:
+                    c.train_seconds = seconds_so_far()
+                    self.save_checkpoint()
+                    next_ckpt = (c.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+            if pending is not None:  # a stop: the steps in flight end early and still count
+                self.absorb(pending.result(), logger)
+        finally:  # on an error too: the thread stops stepping the envs before they close
+            abort.set()
+            if pool is not None:
+                pool.shutdown()
         self.sync_episodes()
         already = self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{c.env_steps:010d}"
         if final_checkpoint and not already:

@@ -30,6 +30,14 @@ def _mlp(inp: int, hidden: int, out: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Actions ``[B]`` drawn from ``softmax(logits [B, A])`` by an exponential race (Gumbel-max): what a
+    CUDA graph can replay (``torch.multinomial`` checks its input on the host), and from a ``generator``
+    of its own where a thread acts beside the learner."""
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits - race.log()).argmax(-1)
+
+
 class ActorCritic(nn.Module):
     """Separate actor and critic MLPs on the flattened last ``history`` latents. The critic predicts
     values in symlog space, so one setting serves games whose returns differ by orders of magnitude."""
@@ -64,9 +72,12 @@ class ActorCritic(nn.Module):
         return symexp(self.critic(self.features(window))[:, 0])
 
     @torch.no_grad()
-    def act(self, window: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """Sample (or take the most likely) actions ``[B]`` for windows ``[B, K, E]``."""
+    def act(self, window: torch.Tensor, greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample (or take the most likely) actions ``[B]`` for windows ``[B, K, E]``; with ``generator``,
+        drawn by :func:`sample_actions` from it."""
         logits, _ = self(window)
         if greedy:
             return logits.argmax(-1)
+        if generator is not None:
+            return sample_actions(logits, generator)
         return torch.distributions.Categorical(logits=logits).sample()

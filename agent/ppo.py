@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.policy import ActorCritic
+from agent.policy import ActorCritic, sample_actions
 from agent.returns import gae
 from worldmodel.graphs import GraphedStep, adapt_loaded_optimizer
 from worldmodel.imagined_env import ImaginedEnv
@@ -84,12 +84,6 @@ def categorical(logits: torch.Tensor) -> torch.distributions.Categorical:
     return torch.distributions.Categorical(logits=logits, validate_args=False)
 
 
-def sample_actions(logits: torch.Tensor) -> torch.Tensor:
-    """Actions ``[B]`` drawn from ``softmax(logits [B, A])`` by an exponential race (Gumbel-max): what a
-    CUDA graph can replay (``torch.multinomial`` checks its input on the host)."""
-    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
-
-
 class PPO:
     """Owns the policy's optimizer and the running return scale."""
 
@@ -158,6 +152,8 @@ class PPO:
         """Play the policy in ``env`` for its horizon from real frames ``[B, K, H, W]`` or latent
         windows ``[B, K, E]``."""
         if self.graphs:
+            if self._graphed["rollout"].calls and env is not self._env:
+                raise ValueError("a graphed PPO rolls out in the one ImaginedEnv it was first given")
             window = env.reset(start)  # frames are encoded here, outside the graph
             self._env = env
             return Rollout(*self._graphed["rollout"](window))

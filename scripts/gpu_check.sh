@@ -4,19 +4,19 @@
 # 1. (about 2 min) `bench graphs`: the --cuda-graphs steps against the eager ones on a fixed batch (loss,
 #    gradients, the graphed rollout replayed eagerly; exit 1 beyond bf16 tolerance) and ms per step of
 #    each; `bench speed` at the atari100k preset, eager (--cuda-graphs False) and graphed.
-# 2. the whole 100k Breakout run at the atari100k preset, stopped by SIGTERM at TRAIN_LIMIT seconds if it
-#    has not finished (it then writes a checkpoint; the figures say how far it got), and `wm-agent eval`
+# 2. the whole 100k Breakout run at the atari100k preset, stopped by SIGTERM at TRAIN_LIMIT seconds (400) if
+#    it has not finished (it then writes a checkpoint; the figures say how far it got), and `wm-agent eval`
 #    over 100 episodes; metrics.jsonl, summary.json, eval.json and the learning curve copied to OUT_DIR.
 # Try it elsewhere first: DEVICE=cpu PRESET=debug bash scripts/gpu_check.sh /tmp/gpu_check (must pass).
 # DEVICE, PRESET, STEPS, TRAIN_LIMIT, EPISODES, STAGES (speed,train: both; speed or train: one; a device
-# call runs at most 10 minutes, so on a lent GPU run them as two calls, the second with TRAIN_LIMIT=420 to
-# leave time for the evaluation) and PYTHON may be set. Off CUDA the speed stages get 4x their limits.
+# call runs at most 10 minutes, so on a lent GPU run them as two calls; the train stage's 400 s, 20 s to
+# stop and 120 s of evaluation fit one) and PYTHON may be set. Off CUDA the speed stages get 4x their limits.
 set -uo pipefail
 OUT=${1:-runs/gpu_check}
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-atari100k}
 STEPS=${STEPS:-100000}
-TRAIN_LIMIT=${TRAIN_LIMIT:-600}
+TRAIN_LIMIT=${TRAIN_LIMIT:-400}
 EPISODES=${EPISODES:-100}
 STAGES=${STAGES:-speed,train}
 SCALE=1
@@ -26,17 +26,18 @@ RUN=${RUN_DIR:-/tmp/wm_gpu_run}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 status=0
-step() {  # step NAME TIMEOUT_S ARGS...: one stage under a time limit (SIGTERM, then SIGKILL 60 s later)
+step() {  # step NAME TIMEOUT_S ARGS...: one stage under a time limit (SIGTERM, then SIGKILL 20 s later)
     local name=$1 limit=$2
     shift 2
     echo "=== $name ($(date +%T), limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout --kill-after=60 "$limit" "$PY" -m agent.cli "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=20 "$limit" "$PY" -m agent.cli "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 20 "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
     echo "$name $rc $((SECONDS - t0))" >>"$OUT/stages.txt"
-    [ $rc -eq 0 ] || status=1
+    # A training run stopped at its limit (124) wrote its checkpoint: what the stage is for.
+    [ $rc -eq 0 ] || { [ "$name" = train ] && [ $rc -eq 124 ]; } || status=1
 }
 : >"$OUT/stages.txt"
 if [ "$DEVICE" = cuda ]; then

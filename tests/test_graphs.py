@@ -17,8 +17,8 @@ from torch.overrides import TorchFunctionMode
 from agent.cli import main
 from agent.config import UsageError, preset, validate_config
 from agent.dyna import DynaTrainer
-from agent.policy import ActorCritic
-from agent.ppo import PPO, sample_actions
+from agent.policy import ActorCritic, sample_actions
+from agent.ppo import PPO
 from tests.helpers import random_replay, train_quietly
 from worldmodel.graphs import GraphedStep, StaticShapeError, adapt_loaded_optimizer
 from worldmodel.imagined_env import ImaginedEnv
@@ -149,6 +149,7 @@ class HostReads(TorchFunctionMode):
     default device (on a GPU step, a CPU tensor copied in)."""
 
     READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+    INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
     READS |= {torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy}
     FACTORIES = {torch.tensor, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.linspace}
     FACTORIES |= {torch.randperm, torch.rand, torch.randn, torch.randint, torch.as_tensor, torch.scalar_tensor}
@@ -159,7 +160,10 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.READS or (func in self.FACTORIES and "device" not in kwargs):
+        # An index given as a list or array is copied to the device as a tensor, with a host sync.
+        index = args[1] if func in self.INDEXING and len(args) > 1 else None
+        by_list = any(isinstance(i, list | np.ndarray) for i in (index if isinstance(index, tuple) else (index,)))
+        if func in self.READS or (func in self.FACTORIES and "device" not in kwargs) or by_list:
             self.found.append(f"{getattr(func, '__name__', func)} at {traceback.format_stack(limit=3)[0]}")
         return func(*args, **kwargs)
 
@@ -232,3 +236,46 @@ def test_bench_graphs_reports_agreement(tmp_path: Path) -> None:
     assert rc == 0 and result["failed"] == []
     assert result["world_model"]["grad_rel_err"] <= result["tolerance"]
     assert result["world_model"]["graphed_ms"] > 0 and result["policy"]["rollout_graphed_ms"] > 0
+    assert result["world_model"]["nan_batch_skipped"] and result["policy"]["nan_real_step_skipped"]
+    assert result["world_model"]["step_rel_err"] <= result["tolerance"] >= result["policy"]["ppo_step_rel_err"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def test_overlapped_collection_counts_every_step_and_is_reproducible(tmp_path: Path) -> None:
+    cfg = preset("debug")
+    cfg.env, cfg.steps, cfg.threads, cfg.overlap_collection = "wm/Catch-v0", 600, 1, True
+    trainers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        trainer = DynaTrainer(cfg, tmp_path / name)
+        summary = train_quietly(trainer)
+        assert summary["env_steps"] == 600 and len(trainer.replay) == 600
+        assert trainer.ppo.updates > 0  # the thread acted with the policy after the warm-up
+        trainers.append(trainer)
+    a, b = trainers
+    assert a.episode_returns == b.episode_returns and a.episode_end_steps == b.episode_end_steps
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")  # the thread's timing changes nothing
+    assert all(torch.equal(x, y) for x, y in zip(a.policy.parameters(), b.policy.parameters(), strict=True))
+
+
+def test_a_stop_during_overlapped_collection_keeps_its_steps_and_resumes(tmp_path: Path) -> None:
+    cfg = preset("debug")
+    cfg.env, cfg.steps, cfg.threads, cfg.overlap_collection = "wm/Catch-v0", 600, 1, True
+    trainer = DynaTrainer(cfg, tmp_path)
+    update = trainer.world_model_update
+
+    def stop_later(*args):
+        if trainer.wm_trainer.updates == 3:
+            trainer.request_stop()
+        return update(*args)
+
+    trainer.world_model_update = stop_later
+    summary = train_quietly(trainer)
+    assert summary["stopped_early"] and len(trainer.replay) == trainer.counters.env_steps == summary["env_steps"]
+    resumed = DynaTrainer(cfg, tmp_path, resume=True)
+    assert resumed.counters.env_steps == summary["env_steps"]
+    assert train_quietly(resumed)["env_steps"] == 600

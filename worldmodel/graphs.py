@@ -78,13 +78,15 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             return _copy(out)
         if self.graph is None:
-            graph = torch.cuda.CUDAGraph()
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
             try:
                 with torch.cuda.graph(graph):
                     self.static_out = self.step(*inputs)
             except RuntimeError as e:  # nothing ran during the capture: run the step eagerly from now on
+                torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
                 self.capture = False
-                warnings.warn(f"CUDA graph capture of {self.name} failed, it runs eagerly: {e}", stacklevel=2)
+                cause = e.__context__ or e
+                warnings.warn(f"CUDA graph capture of {self.name} failed, it runs eagerly: {cause}", stacklevel=2)
                 torch.cuda.synchronize()
                 return _copy(self.step(*inputs))
             self.graph = graph

@@ -214,7 +214,8 @@ def foreground_mask(
     sequence's ``L`` frames, target ``n`` then belonging to sequence ``n // (N / B)``."""
     if per_sequence:
         background = frames.median(dim=1).values  # (B, H, W)
-        background = background.repeat_interleave(target.shape[0] // frames.shape[0], dim=0)  # (N, H, W)
+        per = target.shape[0] // frames.shape[0]
+        background = background[:, None].expand(-1, per, -1, -1).flatten(0, 1)  # (N, H, W)
     else:
         background = frames.flatten(0, -3).median(dim=0).values  # (H, W)
     return ((target - background).abs() > threshold).float()
@@ -510,9 +511,13 @@ class WorldModel(nn.Module):
         update's cost: cross-attention at 64x64)."""
         L = x.shape[1]
         idx = [max(0, L - 4), L - 2]
-        real = rearrange(x[:, idx], "b n h w -> (b n) h w")
-        prev = rearrange(x[:, [max(0, i - 1) for i in idx]], "b n h w -> (b n) h w")
-        err = (self.decode(rearrange(z[:, idx], "b n e -> (b n) e")) - real).square()  # (2B, H, W)
+
+        def pick(t: torch.Tensor, steps: list[int]) -> torch.Tensor:  # integer indexing: no index tensor to copy
+            return torch.stack([t[:, i] for i in steps], dim=1).flatten(0, 1)
+
+        real = pick(x, idx)  # (2B, H, W)
+        prev = pick(x, [max(0, i - 1) for i in idx])
+        err = (self.decode(pick(z, idx)) - real).square()  # (2B, H, W)
         loss = (err * self._pixel_weights(x, prev, real)).mean()
         return loss, {"world_model/current_frame_loss": loss, "world_model/recon_mse": err.mean()}
 
