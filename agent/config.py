@@ -52,10 +52,11 @@ class TrainConfig:
     """``torch.compile`` the world-model loss; the first updates wait for compilation. Measured: 1.9x
     faster updates on an H100; 1.16x on a 2-core CPU (``cpu`` preset) for 161 s of compiling per start."""
     cuda_graphs: bool = False
-    """Replay each world-model update as one CUDA graph, with a fused AdamW and no host sync per update
-    (``worldmodel/graphs.py``): on an H100 the eager update spent 46-85 ms launching kernels for 0.3 ms of
-    arithmetic. A skipped (non-finite) update still counts, and the non-finite check runs at each log
-    line. Off CUDA the same step runs without capture; not with ``compile`` or torchrun."""
+    """Replay each training step (world-model update, imagined rollout, PPO update, real-return critic
+    step) as one CUDA graph, with fused optimizers and no host sync per step (``worldmodel/graphs.py``): on
+    an H100 the eager world-model update spent 46-85 ms launching kernels for 0.3 ms of arithmetic. A
+    skipped (non-finite) update still counts, and the non-finite stop is checked at each log line. Off
+    CUDA the same steps run without capture; not with ``compile``; turned off under torchrun."""
     overlap_collection: bool = False
     """Collect each iteration's real steps in a background thread while the device learns from the
     replay, so it does not wait on the emulator. The thread acts with a CPU copy of the acting world model
