@@ -123,6 +123,8 @@ class PPO:
             self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
             self.return_scale = torch.ones(())
         self.quantiles = torch.tensor([0.05, 0.95], device=device)
+        self._env: ImaginedEnv | None = None
+        """The one env a graphed rollout plays in (its world model is in the graph)."""
         self.updates = 0
         self._skipped: int | torch.Tensor = torch.zeros((), device=device) if graphs else 0
         self._consecutive: int | torch.Tensor = torch.zeros((), device=device) if graphs else 0
@@ -160,6 +162,7 @@ class PPO:
         return Rollout(*self._rollout_tensors(start, env))
 
     def _rollout_tensors(self, start: torch.Tensor, env: ImaginedEnv | None = None) -> tuple[torch.Tensor, ...]:
+        """:class:`Rollout`'s fields, in order, of a rollout in ``env`` (default: the graphed one's)."""
         env = env if env is not None else self._env
         with torch.no_grad():
             window = env.reset(start)
