@@ -247,7 +247,7 @@ def graphs_main(args: argparse.Namespace, device: torch.device) -> int:
     for k, v in errors.items():
         table.add_row(f"relative error: {k}", "", f"{v:.2e}" + (" FAIL" if k in failed else ""))
     for k, v in {**wm, **pol}.items():
-        if k.startswith(("nan_", "captured")):
+        if k.startswith("nan_") or (k.startswith("captured") and device.type == "cuda"):
             table.add_row(k.replace("_", " "), "", "yes" if v else "NO")
     console.print(table)
     if device.type == "cuda":
