@@ -11,7 +11,7 @@ from torch import nn
 
 from agent.policy import ActorCritic, sample_actions
 from agent.returns import gae
-from worldmodel.graphs import GraphedStep, adapt_loaded_optimizer
+from worldmodel.graphs import GraphedStep, SkipCounts, adapt_loaded_optimizer, step_unless_nonfinite
 from worldmodel.imagined_env import ImaginedEnv
 from worldmodel.twohot import symexp, symlog
 
@@ -111,8 +111,7 @@ class PPO:
         if graphs:
             lr = torch.tensor(cfg.lr, device=device)
             self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5, fused=True, capturable=True)
-            self.found_inf = torch.zeros((), device=device)
-            self.optimizer.found_inf = self.found_inf
+            self.optimizer.found_inf = torch.zeros((), device=device)
             self.return_scale = torch.ones((), device=device)
             self._graphed = {
                 "rollout": GraphedStep(self._rollout_tensors),
@@ -126,17 +125,16 @@ class PPO:
         self._env: ImaginedEnv | None = None
         """The one env a graphed rollout plays in (its world model is in the graph)."""
         self.updates = 0
-        self._skipped: int | torch.Tensor = torch.zeros((), device=device) if graphs else 0
-        self._consecutive: int | torch.Tensor = torch.zeros((), device=device) if graphs else 0
+        self.skips = SkipCounts(device if graphs else None)
 
     @property
     def skipped(self) -> int:
         """Updates with a skipped (non-finite) minibatch (a host sync on the graphed path)."""
-        return int(self._skipped)
+        return self.skips.total
 
     @property
     def consecutive_skipped(self) -> int:
-        return int(self._consecutive)
+        return self.skips.run
 
     def load_state(self, optimizer: dict, return_scale: torch.Tensor) -> None:
         """The optimizer's state and the return scale from a checkpoint of either path."""
@@ -228,18 +226,8 @@ class PPO:
         self, windows: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         loss, metrics = self._real_loss(windows, actions, returns)
-        self._device_step(loss)
+        step_unless_nonfinite(self.optimizer, loss, self.policy.parameters(), self.cfg.grad_clip)
         return metrics
-
-    def _device_step(self, loss: torch.Tensor) -> torch.Tensor:
-        """Backward and a fused Adam step that the device skips when the loss or gradient is not finite;
-        returns whether it was skipped (``[]``, 1.0 or 0.0)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
-        self.found_inf.copy_((~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float())
-        self.optimizer.step()
-        return self.found_inf.clone()
 
     def _advantages(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GAE advantages ``[H, B]`` of a rollout, and its steps flattened for minibatches, the advantages
@@ -297,59 +285,46 @@ class PPO:
         self.updates += 1
         if self.graphs:
             return self._graphed["update"](*(getattr(ro, f.name) for f in fields(ro)))
-        cfg = self.cfg
-        adv, flat = self._advantages(ro)
-        n = ro.actions.numel()
-        mb = max(1, n // cfg.minibatches)
-        stats: dict[str, list[torch.Tensor]] = {"pg": [], "v": [], "ent": [], "kl": [], "clipfrac": []}
-        self.policy.train()
-        skipped = 0
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, device=ro.actions.device)
-            for i in range(0, n, mb):
-                loss, mb_stats = self._minibatch_loss(flat, perm[i : i + mb])
-                # Backward even on a non-finite loss: under DDP every rank must join every gradient
-                # average; the non-finite norm that follows skips the step on all of them.
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-                if not (self.agree(finite) if self.agree is not None else finite):
-                    skipped += 1
-                    continue
-                self.optimizer.step()
-                for k, v in mb_stats.items():
-                    stats[k].append(v)
-        if skipped:
-            self._skipped += 1
-            self._consecutive += 1
-        else:
-            self._consecutive = 0
-        nan = torch.tensor(float("nan"))
-        mean = {k: torch.stack(v).mean() if v else nan for k, v in stats.items()}
-        return self._update_metrics(ro, adv, mean, torch.tensor(float(self._skipped)))
+        return self._epochs(ro)
 
     def _device_update(self, *ro_fields: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`update` with the minibatches drawn and the skips decided on the device."""
-        ro = Rollout(*ro_fields)
-        cfg = self.cfg
+        return self._epochs(Rollout(*ro_fields))
+
+    def _epochs(self, ro: Rollout) -> dict[str, torch.Tensor]:
+        """The PPO epochs of :meth:`update`: on the graphed path minibatches are drawn and skips decided
+        on the device (a skipped minibatch's figures are reported too), else on the host."""
+        cfg, device = self.cfg, ro.actions.device
         adv, flat = self._advantages(ro)
         n = ro.actions.numel()
         mb = max(1, n // cfg.minibatches)
         stats: dict[str, list[torch.Tensor]] = {"pg": [], "v": [], "ent": [], "kl": [], "clipfrac": []}
         self.policy.train()
-        any_skipped = torch.zeros((), device=ro.actions.device)
+        skipped: int | torch.Tensor = torch.zeros((), device=device) if self.graphs else 0
         for _ in range(cfg.epochs):
-            perm = torch.rand(n, device=ro.actions.device).argsort()
+            perm = torch.rand(n, device=device).argsort() if self.graphs else torch.randperm(n, device=device)
             for i in range(0, n, mb):
                 loss, mb_stats = self._minibatch_loss(flat, perm[i : i + mb])
-                any_skipped = torch.maximum(any_skipped, self._device_step(loss))
+                if self.graphs:
+                    step_unless_nonfinite(self.optimizer, loss, self.policy.parameters(), cfg.grad_clip)
+                    skipped = torch.maximum(skipped, self.optimizer.found_inf)
+                else:
+                    # Backward even on a non-finite loss: under DDP every rank must join every gradient
+                    # average; the non-finite norm that follows skips the step on all of them.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                    finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+                    if not (self.agree(finite) if self.agree is not None else finite):
+                        skipped += 1
+                        continue
+                    self.optimizer.step()
                 for k, v in mb_stats.items():
                     stats[k].append(v)
-        self._skipped.add_(any_skipped)
-        self._consecutive.add_(1).mul_(any_skipped)
-        mean = {k: torch.stack(v).mean() for k, v in stats.items()}
-        return self._update_metrics(ro, adv, mean, self._skipped)
+        self.skips.record(skipped if self.graphs else skipped > 0)
+        # Empty only where every minibatch was skipped on the host.
+        mean = {k: torch.stack(v).mean() if v else torch.tensor(float("nan")) for k, v in stats.items()}
+        return self._update_metrics(ro, adv, mean, self.skips.total_tensor())
 
     def _update_metrics(
         self, ro: Rollout, adv: torch.Tensor, mean: dict[str, torch.Tensor], skipped: torch.Tensor

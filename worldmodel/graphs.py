@@ -94,6 +94,52 @@ class GraphedStep:
         return _copy(self.static_out)
 
 
+class SkipCounts:
+    """Updates skipped for a non-finite loss or gradient, all told and in a row: numbers on the eager path;
+    with a ``device``, tensors there that a graph updates in place (the host reads them only when asked)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.on_device = device is not None
+        self._total: int | torch.Tensor = torch.zeros((), device=device) if device is not None else 0
+        self._run: int | torch.Tensor = torch.zeros((), device=device) if device is not None else 0
+
+    def record(self, skipped: bool | torch.Tensor) -> None:
+        """One more update, ``skipped`` or not (on the device: a ``[]`` tensor, 1.0 or 0.0)."""
+        if self.on_device:
+            self._total.add_(skipped)
+            self._run.add_(1).mul_(skipped)
+        elif skipped:
+            self._total += 1
+            self._run += 1
+        else:
+            self._run = 0
+
+    @property
+    def total(self) -> int:
+        return int(self._total)
+
+    @property
+    def run(self) -> int:
+        return int(self._run)
+
+    def total_tensor(self) -> torch.Tensor:
+        """The total as a metric: the device tensor itself on the graphed path."""
+        return self._total if self.on_device else torch.tensor(float(self._total))
+
+
+def step_unless_nonfinite(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Any, grad_clip: float
+) -> torch.Tensor:
+    """Backward, clipping and a fused optimizer step that the device skips where the loss or the gradient
+    norm is not finite (through ``optimizer.found_inf``, left at 1.0 then); returns the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.found_inf.copy_((~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))).float())
+    optimizer.step()
+    return grad_norm
+
+
 def adapt_loaded_optimizer(optimizer: torch.optim.Optimizer, on_device: bool, device: torch.device) -> None:
     """After ``optimizer.load_state_dict`` of a checkpoint written by either path: the groups' learning
     rates, implementation and step counts as this path runs them (graphed: fused and capturable, a tensor ``lr`` and

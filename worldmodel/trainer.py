@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from worldmodel.batch import Batch
-from worldmodel.graphs import GraphedStep, adapt_loaded_optimizer
+from worldmodel.graphs import GraphedStep, SkipCounts, adapt_loaded_optimizer, step_unless_nonfinite
 from worldmodel.world_model import WorldModel
 
 
@@ -111,25 +111,21 @@ class WorldModelTrainer:
         self.optimizer = make_optimizer(groups, cfg, on_device=graphs)
         self.graphs = graphs
         self.updates = 0
-        self._skipped: int | torch.Tensor = 0
-        self._consecutive: int | torch.Tensor = 0
+        # The graphed step decides on the device whether to skip (the fused optimizer reads ``found_inf``)
+        # and counts there: no host sync per update.
+        self.skips = SkipCounts(device if graphs else None)
         if graphs:
-            # The step decides on the device whether to skip (the fused optimizer reads ``found_inf``) and
-            # counts there: no host sync per update.
-            self.found_inf = torch.zeros((), device=device)
-            self.optimizer.found_inf = self.found_inf
-            self._skipped = torch.zeros((), device=device)
-            self._consecutive = torch.zeros((), device=device)
+            self.optimizer.found_inf = torch.zeros((), device=device)
             self.graphed = GraphedStep(self._device_step)
 
     @property
     def skipped(self) -> int:
         """Updates skipped for a non-finite loss or gradient (a host sync on the graphed path)."""
-        return int(self._skipped)
+        return self.skips.total
 
     @property
     def consecutive_skipped(self) -> int:
-        return int(self._consecutive)
+        return self.skips.run
 
     def load_optimizer_state(self, state: dict) -> None:
         """The optimizer's state from a checkpoint of either path; before the first graphed update."""
@@ -170,30 +166,23 @@ class WorldModelTrainer:
         if self.agree(finite) if self.agree is not None else finite:
             self.optimizer.step()
             self.updates += 1
-            self._consecutive = 0
+            self.skips.record(False)
             metrics["world_model/grad_norm"] = grad_norm.detach()
             return metrics, latents.float()
-        self._skipped += 1
-        self._consecutive += 1
+        self.skips.record(True)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["world_model/skipped_updates"] = torch.tensor(float(self._skipped))
+        metrics["world_model/skipped_updates"] = self.skips.total_tensor()
         return metrics, latents.float()
 
     def _device_step(
         self, batch: Batch, head_batch: Batch | None, dynamics_batch: Batch | None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The graphed update: the eager one's loss, gradient and clipping, with the skip decided on the device."""
-        self.optimizer.zero_grad(set_to_none=True)
         # A graph cannot keep autocast's cache of cast weights between replays.
         with autocast_context(self.device, self.amp, cache=False):
             loss, metrics, latents = self.loss_and_latents(batch, head_batch, dynamics_batch)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        self.found_inf.copy_((~finite).float())
-        self.optimizer.step()
-        self._skipped.add_(self.found_inf)
-        self._consecutive.add_(1).mul_(self.found_inf)
+        grad_norm = step_unless_nonfinite(self.optimizer, loss, self.model.parameters(), self.cfg.grad_clip)
+        self.skips.record(self.optimizer.found_inf)
         metrics["world_model/grad_norm"] = grad_norm.detach()
-        metrics["world_model/skipped_updates"] = self._skipped
+        metrics["world_model/skipped_updates"] = self.skips.total_tensor()
         return metrics, latents.float()
