@@ -205,7 +205,8 @@ class ReplayBuffer:
         """Discounted returns ``[S, N]`` (per slot: the reward of the action taken there plus the discounted
         rewards after it, up to the end of that life or game), and whether each is complete ``[S, N]``
         (its life ended within the buffer; the rest still grows with the steps to come). Truncation
-        counts as an end."""
+        counts as an end, and so does an episode's final frame (the slot before an ``is_first``), whose
+        action the env ignores: its return is 0, not the next episode's."""
         n, oldest = self.filled, self._oldest()
         order = (oldest + np.arange(n)) % self.slots  # physical slots, oldest first
         ends = self.terminated | self.life_loss | self.truncated
@@ -213,11 +214,13 @@ class ReplayBuffer:
         complete = np.zeros((self.slots, self.num_envs), bool)
         acc = np.zeros(self.num_envs, np.float32)
         done = np.zeros(self.num_envs, bool)
+        next_first = np.zeros(self.num_envs, bool)
         for slot in order[::-1]:
-            end = ends[slot]
+            end = ends[slot] | next_first
             acc = self.rewards[slot] + gamma * np.where(end, 0.0, acc)
             done = done | end
             G[slot], complete[slot] = acc, done
+            next_first = self.is_first[slot]
         return G, complete
 
     def sample_with_returns(

@@ -115,7 +115,8 @@ def test_sample_ending_with_draws_windows_whose_last_transition_is_the_event() -
 
 
 def test_returns_discount_rewards_to_the_end_of_each_life() -> None:
-    """Rewards sit on terminal transitions: the return k steps before one is gamma^k; a life lost on an
+    """Rewards sit on terminal transitions: the return k steps before one is gamma^k; an episode's final
+    frame (its action ignored by the env) returns 0, not the next episode's return; a life lost on an
     unrewarded step cuts the sum; steps whose life has not ended yet are incomplete. Also after wrap-around."""
     gamma = 0.9
     for steps in (40, 130):
@@ -126,9 +127,13 @@ def test_returns_discount_rewards_to_the_end_of_each_life() -> None:
             for e in range(2):
                 ahead = [(slot - buf._oldest()) % buf.slots + k for k in range(buf.filled)]
                 later = [(buf._oldest() + t) % buf.slots for t in ahead if t < buf.filled]
+                firsts = [i for i, s in enumerate(later) if i > 0 and buf.is_first[s, e]]
+                later = later[: firsts[0]] if firsts else later  # this episode's slots from `slot` on
                 ends = [i for i, s in enumerate(later) if buf.terminated[s, e]]
                 if ends:
                     assert complete[slot, e] and G[slot, e] == pytest.approx(gamma ** ends[0])
+                elif firsts:
+                    assert complete[slot, e] and G[slot, e] == 0.0  # the final frame
                 else:
                     assert not complete[slot, e]
     buf.life_loss[buf.pos - 3, 0] = True  # a life lost two steps before the newest step
