@@ -74,7 +74,7 @@ def calibrate_on_replay(
     device: torch.device | str = "cpu",
     rates: tuple[float, float] | None = None,
     stratified: bool = True,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """:meth:`WorldModel.calibrate_heads` to ``rates`` (default: the replay's own rewarded and ended
     fractions) on windows of ``context + 1`` frames: :data:`CALIBRATION_SEQUENCES` drawn uniformly and,
     when ``stratified``, :data:`CALIBRATION_EVENTS` ending in a reward and as many ending in a lost life or

@@ -187,6 +187,16 @@ def test_graphed_steps_read_nothing_back_and_make_no_host_tensors() -> None:
     assert probe.found == []
 
 
+def test_head_calibration_reads_nothing_back() -> None:
+    """The shifts' bisection runs on the device: one calibration per Dyna iteration, no host read."""
+    cfg, batches = _world_model_batches(1)
+    wm = WorldModel(cfg.world_model, 3)
+    frames, actions = batches[0][0].frames, batches[0][0].actions
+    with HostReads() as probe:
+        wm.calibrate_heads(frames, actions, 0.05, 0.1)
+    assert probe.found == []
+
+
 def test_optimizer_state_moves_between_the_paths() -> None:
     p = torch.nn.Parameter(torch.randn(4))
     eager = torch.optim.AdamW([p], lr=1e-3)

@@ -201,8 +201,8 @@ def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay, h
     norm_before = {k: v.clone() for k, v in wm.head_input_norm.state_dict().items()}
     for rewarded, ended in ((0.01, 0.05), (0.3, 0.002)):
         fitted = wm.calibrate_heads(batch.frames, batch.actions, rewarded, ended)
-        assert fitted["reward_shift"] == pytest.approx(float(wm.head_shifts[0]))
-        assert fitted["cont_shift"] == pytest.approx(float(wm.head_shifts[1]))
+        assert float(fitted["reward_shift"]) == pytest.approx(float(wm.head_shifts[0]))
+        assert float(fitted["cont_shift"]) == pytest.approx(float(wm.head_shifts[1]))
         env = ImaginedEnv(wm, horizon=D)
         env.reset(batch.frames[:, :K])
         p_reward, p_end = [], []
@@ -233,9 +233,10 @@ def test_calibration_weights_pick_the_sequences_the_average_runs_over(catch_repl
     half = torch.cat([torch.full((16,), 1 / 16), torch.zeros(16)])
     weighted = wm.calibrate_heads(frames, batch.actions, 0.05, 0.1, half, half)
     alone = wm.calibrate_heads(frames[:16], batch.actions[:16], 0.05, 0.1)
-    assert weighted == pytest.approx(alone, abs=1e-4)
+    for k in ("reward_shift", "cont_shift"):
+        assert float(weighted[k]) == pytest.approx(float(alone[k]), abs=1e-4)
     other = wm.calibrate_heads(frames[16:], batch.actions[16:], 0.05, 0.1)
-    assert other["cont_shift"] != pytest.approx(alone["cont_shift"], abs=1e-3)
+    assert float(other["cont_shift"]) != pytest.approx(float(alone["cont_shift"]), abs=1e-3)
 
 
 def test_checkpoints_with_base_rates_load_with_their_bayes_shifts() -> None:

@@ -243,17 +243,19 @@ def balanced_weights(is_positive: torch.Tensor) -> torch.Tensor:
     return torch.where((count > 0) & (count < n), balanced, torch.ones_like(pos))
 
 
-def fit_shift(rate_at, target: float, decreasing: bool, lo: float = -30.0, hi: float = 30.0, iters: int = 50) -> float:
-    """The logit shift ``s`` in ``[lo, hi]`` where the monotone ``rate_at(s)`` (a 0-d tensor) meets ``target``
-    (bisection)."""
+def fit_shift(
+    rate_at, target: float, decreasing: bool, lo: float = -30.0, hi: float = 30.0, iters: int = 50, device=None
+) -> torch.Tensor:
+    """The logit shift ``s`` in ``[lo, hi]`` where the monotone ``rate_at(s)`` (a 0-d tensor, given a 0-d
+    float32 ``s`` on ``device``) meets ``target``, as a 0-d float64 tensor: bisection kept on the device
+    (no host read per step, so a GPU never waits on it)."""
+    lo_t = torch.tensor(lo, dtype=torch.float64, device=device)
+    hi_t = torch.tensor(hi, dtype=torch.float64, device=device)
     for _ in range(iters):
-        mid = (lo + hi) / 2
-        above = float(rate_at(torch.tensor(mid))) > target
-        if above == decreasing:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+        mid = (lo_t + hi_t) / 2
+        move_lo = (rate_at(mid.float()).double() > target) == decreasing
+        lo_t, hi_t = torch.where(move_lo, mid, lo_t), torch.where(move_lo, hi_t, mid)
+    return (lo_t + hi_t) / 2
 
 
 class WorldModel(nn.Module):
@@ -351,7 +353,7 @@ class WorldModel(nn.Module):
         ended: float,
         reward_weights: torch.Tensor | None = None,
         end_weights: torch.Tensor | None = None,
-    ) -> dict[str, float]:
+    ) -> dict[str, torch.Tensor]:
         """Fit :attr:`head_shifts` so that imagination, run ``D`` steps from the first ``K`` frames of real
         sequences under their real actions (uint8 ``frames [B, K + D, H, W]``, ``actions [B, K + D - 1]``),
         predicts a reward and an end as often, on average over the ``B * D`` steps, as the real data has
@@ -359,7 +361,7 @@ class WorldModel(nn.Module):
         ``reward_weights[b]`` / ``end_weights[b]`` (``[B]``, summing to 1; default equal: sequences drawn
         uniformly). On Breakout the Bayes shift of :meth:`set_base_rates` paid ~1/9 of the real mean
         reward: the batches' negatives are oversampled next to rewards, where they look like rewards.
-        Returns the fitted shifts."""
+        Returns the fitted shifts (0-d tensors on the device: reading them is the caller's choice)."""
         K, was_training = self.cfg.context, self.training
         self.eval()  # the heads' input standardizer must not learn from these
         window = self.encode(frames[:, :K])  # (B, K, E)
@@ -372,7 +374,7 @@ class WorldModel(nn.Module):
             window = torch.cat([window[:, 1:], z_next.to(window.dtype)], dim=1)
         self.train(was_training)
         rew_logits, cont_logit = torch.cat(rew), torch.cat(cont)  # (D * B, bins), (D * B,)
-        zero = F.one_hot(torch.tensor(self.zero_bin), rew_logits.shape[-1]).to(rew_logits)
+        zero = F.one_hot(torch.tensor(self.zero_bin, device=rew_logits.device), rew_logits.shape[-1]).to(rew_logits)
         B, D = len(frames), len(rew)
         equal = torch.full((B,), 1 / B, device=frames.device)
         w_rew = (equal if reward_weights is None else reward_weights).float().repeat(D) / D
@@ -384,8 +386,9 @@ class WorldModel(nn.Module):
         def p_end(shift: torch.Tensor) -> torch.Tensor:
             return 1 - (torch.sigmoid(cont_logit + shift) * w_end).sum()
 
-        fitted = [fit_shift(p_reward, rewarded, decreasing=True), fit_shift(p_end, ended, decreasing=True)]
-        self.head_shifts.copy_(torch.tensor(fitted))
+        device = rew_logits.device
+        fitted = [fit_shift(p_reward, rewarded, True, device=device), fit_shift(p_end, ended, True, device=device)]
+        self.head_shifts.copy_(torch.stack(fitted))
         return {"reward_shift": fitted[0], "cont_shift": fitted[1]}
 
     def load_state_dict_compat(self, state_dict: dict[str, torch.Tensor]) -> None:
