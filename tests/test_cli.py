@@ -69,6 +69,8 @@ def test_every_train_config_field_has_a_help_text() -> None:
         (["--ppo.horizon", "0"], "horizon must be positive"),
         (["--ppo.critic-targets", "both"], "critic-targets must be imagined or real"),
         (["--ppo.self-imitation", "1"], "needs --ppo.critic-targets real"),
+        (["--ppo.self-imitation", "-1"], "--ppo.self-imitation must be >= 0"),
+        (["--preset", "cpu", "--ppo.critic-targets", "imagined"], "add --ppo.self-imitation 0"),
         (["--preset", "huge"], "unknown preset"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--world-model.context", "20", "--warmup-steps", "20", "--collect-steps", "20"], "raise --warmup-steps"),
