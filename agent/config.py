@@ -198,7 +198,8 @@ def preset(name: str) -> TrainConfig:
             # imagination of a 55k Breakout model scored 6.63 / 5.19 with it, 4.44 / 2.75 without; a learning
             # run branched at 55.6k evaluated at 10.85 at 80k, against 5.45 / 1.80 for the imagined critic).
             # Self-imitation on the same real returns: Breakout seeds 0-2 at 100k, 100 episodes each, scored
-            # 13.09 / 13.77 / 14.14 against 8.07 / 11.84 / 8.09 without it (breakout_world_model.md, session 31).
+            # 13.09 / 13.77 / 14.14 against 8.07 / 11.84 / 8.09 without it (breakout_world_model.md, session 31;
+            # before the fix to the final frame's real return, whose effect is not measured).
             ppo=PPOConfig(
                 num_starts=128, entropy_coef=1e-2, epochs=4, horizon=5, critic_targets="real", self_imitation=1.0
             ),  # (*) epochs

@@ -11,8 +11,9 @@ habit that any fixed rule would find is not taken for learning.
 
 With ``--critic-targets real`` the critic learns from the replay's real discounted returns, one step of
 128 windows per update (as the Dyna loop does with ``--ppo.critic-targets real``), not from imagination;
-``--critic-prefit N`` gives it N such steps before the first update, ``--sil W`` adds self-imitation to
-its steps (``--ppo.self-imitation``; ``--no-ppo``: self-imitation alone), ``--init-policy`` starts from
+``--critic-prefit N`` gives it N such steps before the first update, ``--sil W`` sets self-imitation on
+its steps (``--ppo.self-imitation``; default the run's, 1 in runs of today's presets, ``--sil 0`` off;
+``--no-ppo``: self-imitation alone), ``--init-policy`` starts from
 saved weights (``scripts/tracker_cloning.py``'s clone):
 
     python -m scripts.imagination_only runs/RUN --init-policy runs/RUN/tracker_clone.pt --critic-prefit 400
@@ -77,7 +78,7 @@ def main() -> None:
         help="start from these ActorCritic weights (e.g. RUN/tracker_clone.pt)",
     )
     p.add_argument("--critic-prefit", type=int, default=0, help="critic steps on real returns before any PPO update")
-    p.add_argument("--sil", type=float, default=0.0, help="--ppo.self-imitation (needs the real critic)")
+    p.add_argument("--sil", type=float, default=None, help="--ppo.self-imitation (real critic; default: the run's)")
     p.add_argument("--no-ppo", action="store_true", help="skip the PPO update in imagination (self-imitation alone)")
     p.add_argument("--bayes", action="store_true", help="shift the heads by the base rates' log-odds, not fitted")
     a = p.parse_args()
@@ -95,13 +96,14 @@ def main() -> None:
     if not a.bayes:
         calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
-    if a.no_ppo and not a.sil:
-        p.error("--no-ppo trains nothing without --sil")
     changes = {"entropy_coef": a.entropy, "horizon": a.horizon, "critic_targets": a.critic_targets}
-    changes |= {"self_imitation": a.sil} if a.sil else {}
+    changes |= {"self_imitation": a.sil}
     ppo_cfg = dataclasses.replace(cfg.ppo, **{k: v for k, v in changes.items() if v is not None})
-    if a.sil and ppo_cfg.critic_targets != "real":
-        p.error("--sil needs the real critic (--critic-targets real, or a run that has it)")
+    sil = ppo_cfg.self_imitation > 0
+    if a.no_ppo and not sil:
+        p.error("--no-ppo trains nothing without self-imitation (--sil W)")
+    if sil and ppo_cfg.critic_targets != "real":
+        p.error("self-imitation needs the real critic (--critic-targets real, or a run that has it); --sil 0 is off")
     returns = replay.returns(ppo_cfg.gamma) if ppo_cfg.critic_targets == "real" else None
     policy = ActorCritic(cfg.policy, cfg.world_model.encoder.latent_dim, wm.num_actions)
     if a.init_policy is not None:
@@ -138,7 +140,7 @@ def main() -> None:
         if not a.no_ppo:
             rollout = ppo.rollout(imagined, replay.sample(ppo_cfg.num_starts, K + 1, rng, device).frames[:, :K])
         real = real_update(ppo, wm, replay, returns, rng, device) if returns is not None else {}
-        row = {"self_imitation_advantage": float(real["policy/self_imitation_advantage"])} if a.sil and real else {}
+        row = {"self_imitation_advantage": float(real["policy/self_imitation_advantage"])} if sil and real else {}
         if not a.no_ppo:
             m = ppo.update(rollout)
             keys = ("policy/entropy", "imagination/return", "policy/advantage_abs")

@@ -3,7 +3,7 @@ self-imitation (each run's episodes, from the JSON files under docs/results/).
 
     python -m scripts.plot_sil_curves --preset docs/results/breakout_cpu_preset_3seeds_2026-12-05.json \
         --runs docs/results/breakout_sil_s0_2026-12-06.json docs/results/breakout_sil_s1_2026-12-06.json \
-        --out docs/results/breakout_sil_s01_vs_preset_2026-12-06.png
+        docs/results/breakout_sil_s2_2026-12-06.json --out docs/results/breakout_sil_s012_vs_preset_2026-12-06.png
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ decided on the device, checkpoints that move between the paths, and steps a CUDA
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import traceback
 from pathlib import Path
@@ -96,8 +97,10 @@ def test_graphed_update_skips_non_finite_steps_on_the_device() -> None:
     assert trainer.updates == 2  # a skipped graphed update still counts
 
 
-def _policy_parts(graphs: bool, seed: int = 0):
+def _policy_parts(graphs: bool, seed: int = 0, self_imitation: float = 0.0):
     cfg = preset("debug")
+    if self_imitation:  # as the cpu and atari100k presets
+        cfg.ppo = dataclasses.replace(cfg.ppo, critic_targets="real", self_imitation=self_imitation)
     torch.manual_seed(seed)
     E = cfg.world_model.encoder.latent_dim
     wm = WorldModel(cfg.world_model, 3)
@@ -105,14 +108,17 @@ def _policy_parts(graphs: bool, seed: int = 0):
     return cfg, wm, policy, PPO(policy, cfg.ppo, graphs=graphs)
 
 
-def test_graphed_ppo_steps_match_eager_where_no_sampling_differs() -> None:
-    cfg, wm, policy, graphed = _policy_parts(graphs=True)
-    _, _, eager_policy, eager = _policy_parts(graphs=False)
+@pytest.mark.parametrize("self_imitation", [0.0, 1.0])
+def test_graphed_ppo_steps_match_eager_where_no_sampling_differs(self_imitation: float) -> None:
+    cfg, wm, policy, graphed = _policy_parts(graphs=True, self_imitation=self_imitation)
+    _, _, eager_policy, eager = _policy_parts(graphs=False, self_imitation=self_imitation)
     E, H = cfg.world_model.encoder.latent_dim, cfg.policy.history
     windows, actions, returns = torch.randn(32, H, E), torch.randint(0, 3, (32,)), torch.rand(32) * 3
     m_g = graphed.real_update(windows, actions, returns)
     m_e = eager.real_update(windows, actions, returns)
     assert torch.allclose(m_g["policy/real_value_loss"], m_e["policy/real_value_loss"])
+    if self_imitation:
+        assert torch.allclose(m_g["policy/self_imitation_advantage"], m_e["policy/self_imitation_advantage"])
     for a, b in zip(policy.parameters(), eager_policy.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
     env = ImaginedEnv(wm, cfg.ppo.horizon)
@@ -168,12 +174,13 @@ class HostReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_graphed_steps_read_nothing_back_and_make_no_host_tensors() -> None:
+@pytest.mark.parametrize("self_imitation", [0.0, 1.0])
+def test_graphed_steps_read_nothing_back_and_make_no_host_tensors(self_imitation: float) -> None:
     cfg, batches = _world_model_batches(1)
     wm = WorldModel(cfg.world_model, 3)
     trainer = WorldModelTrainer(wm, OptimConfig(), CPU, graphs=True)
     trainer.update(*batches[0])  # the optimizer's state exists, as it does after the eager warm-up calls
-    _, _, policy, ppo = _policy_parts(graphs=True)
+    _, _, policy, ppo = _policy_parts(graphs=True, self_imitation=self_imitation)
     E, H = cfg.world_model.encoder.latent_dim, cfg.policy.history
     ppo._env = ImaginedEnv(wm, cfg.ppo.horizon)
     starts = torch.randn(8, cfg.world_model.context, E)

@@ -119,7 +119,7 @@ def test_returns_discount_rewards_to_the_end_of_each_life() -> None:
     frame (its action ignored by the env) returns 0, not the next episode's return; a life lost on an
     unrewarded step cuts the sum; steps whose life has not ended yet are incomplete. Also after wrap-around."""
     gamma = 0.9
-    for steps in (40, 130):
+    for steps in (40, 132, 130):  # 132: the newest slot is a final frame, its next episode not begun
         buf = ReplayBuffer(capacity=2 * 60, num_envs=2)
         scripted_fill(buf, steps, 2, episode_len=9)  # copy 0 ends every 11 steps, copy 1 every 12
         G, complete = buf.returns(gamma)
