@@ -96,8 +96,12 @@ def main() -> None:
     if not a.bayes:
         calibrate_on_replay(wm, replay, rng)
     print(json.dumps({"head_shifts": wm.head_shifts.tolist(), "bayes_shifts": bayes}))
-    changes = {"entropy_coef": a.entropy, "horizon": a.horizon, "critic_targets": a.critic_targets}
-    changes |= {"self_imitation": a.sil}
+    changes = {
+        "entropy_coef": a.entropy,
+        "horizon": a.horizon,
+        "critic_targets": a.critic_targets,
+        "self_imitation": a.sil,
+    }
     ppo_cfg = dataclasses.replace(cfg.ppo, **{k: v for k, v in changes.items() if v is not None})
     sil = ppo_cfg.self_imitation > 0
     if a.no_ppo and not sil:

@@ -374,7 +374,8 @@ class WorldModel(nn.Module):
             window = torch.cat([window[:, 1:], z_next.to(window.dtype)], dim=1)
         self.train(was_training)
         rew_logits, cont_logit = torch.cat(rew), torch.cat(cont)  # (D * B, bins), (D * B,)
-        zero = F.one_hot(torch.tensor(self.zero_bin, device=rew_logits.device), rew_logits.shape[-1]).to(rew_logits)
+        device = rew_logits.device
+        zero = F.one_hot(torch.tensor(self.zero_bin, device=device), rew_logits.shape[-1]).to(rew_logits)
         B, D = len(frames), len(rew)
         equal = torch.full((B,), 1 / B, device=frames.device)
         w_rew = (equal if reward_weights is None else reward_weights).float().repeat(D) / D
@@ -386,7 +387,6 @@ class WorldModel(nn.Module):
         def p_end(shift: torch.Tensor) -> torch.Tensor:
             return 1 - (torch.sigmoid(cont_logit + shift) * w_end).sum()
 
-        device = rew_logits.device
         fitted = [fit_shift(p_reward, rewarded, True, device=device), fit_shift(p_end, ended, True, device=device)]
         self.head_shifts.copy_(torch.stack(fitted))
         return {"reward_shift": fitted[0], "cont_shift": fitted[1]}
