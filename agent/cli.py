@@ -42,7 +42,7 @@ commands:
   watch   real vs imagined video of a trained agent:  wm-agent watch RUN_DIR [--steps 64] [--out FILE.gif|.mp4]
   play    play inside the world model in a browser, beside the real game:  wm-agent play RUN_DIR [--port 8000]
   bench   speed against the machine's limits (bench speed), world-model quality (bench world-model),
-          wm-agent vs stable-baselines3 PPO on one budget (bench learn)
+          wm-agent vs stable-baselines3 PPO on one budget (bench learn), CUDA graphs vs eager (bench graphs)
 
 Run 'wm-agent <command> --help' for a command's options.
 """
