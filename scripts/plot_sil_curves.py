@@ -5,8 +5,12 @@ JSON files under docs/results/) in grey, beside the runs compared with them (epi
         --runs docs/results/breakout_sil_s0_2026-12-06.json docs/results/breakout_sil_s1_2026-12-06.json \
         docs/results/breakout_sil_s2_2026-12-06.json --out docs/results/breakout_sil_s012_vs_preset_2026-12-06.png
     python -m scripts.plot_sil_curves --base-runs docs/results/breakout_sil_s{0,1,2}_2026-12-06.json \
-        --base-label "cpu preset (self-imitation)" --runs docs/results/breakout_k8end_sil_s0_2026-12-07.json \
-        --label "K8_W8_end + self-imitation" --title "Breakout, heads that read 9 frames" --out curve.png
+        --base-label "cpu preset (self-imitation), seeds 0-2" \
+        --runs docs/results/breakout_K8_W8_end_s0_2026-12-06.json \
+        docs/results/breakout_K8_W8_end_sil_s0_2026-12-07.json \
+        --label K8_W8_end \
+        --title "Breakout: heads reading 9 frames (K8_W8_end), without and with self-imitation" \
+        --out docs/results/breakout_K8_W8_end_sil_vs_preset_2026-12-07.png
 """
 
 from __future__ import annotations
