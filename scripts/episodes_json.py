@@ -25,7 +25,7 @@ def episodes_doc(run: Path, command: str) -> dict:
         "run": str(run),
         "command": command,
         "episode_end_steps": state["episode_end_steps"].tolist(),
-        "episode_returns": [float(x) for x in state["episode_returns"].tolist()],
+        "episode_returns": state["episode_returns"].tolist(),
     }
     if (run / "eval.json").exists():
         ev = json.loads((run / "eval.json").read_text())
