@@ -1,5 +1,5 @@
-"""Breakout learning curves: the `cpu` preset's seeds (from `bench learn`'s JSON) or earlier runs (episode
-JSON files under docs/results/) in grey, beside the runs compared with them (episode JSON files).
+"""Learning curves: the `cpu` preset's seeds (from `bench learn`'s JSON) or earlier runs (episode JSON files
+under docs/results/) in grey, if given, beside the runs compared with them (episode JSON files).
 
     python -m scripts.plot_sil_curves --preset docs/results/breakout_cpu_preset_3seeds_2026-12-05.json \
         --runs docs/results/breakout_sil_s0_2026-12-06.json docs/results/breakout_sil_s1_2026-12-06.json \
@@ -11,6 +11,8 @@ JSON files under docs/results/) in grey, beside the runs compared with them (epi
         --label K8_W8_end \
         --title "Breakout: heads reading 9 frames (K8_W8_end), without and with self-imitation" \
         --out docs/results/breakout_K8_W8_end_sil_vs_preset_2026-12-07.png
+    python -m scripts.plot_sil_curves --runs docs/results/pong_sil_s0_2026-12-07.json --random -20.7 \
+        --label "cpu preset" --title "Pong, cpu preset (self-imitation)" --out pong.png
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ def main() -> None:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="JSON: run, episode_end_steps, episode_returns")
     p.add_argument("--label", default="+ self-imitation", help="put before each run's name in the legend")
     p.add_argument("--title", default="Breakout, cpu preset and with self-imitation")
+    p.add_argument("--random", type=float, default=1.7, help="random play's score, drawn dotted (Breakout: 1.7)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    if args.preset is None and not args.base_runs:
-        p.error("give --preset or --base-runs (the curves drawn in grey)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +56,7 @@ def main() -> None:
         run = json.loads(path.read_text())
         steps, means = rolling_curve(run["episode_end_steps"], run["episode_returns"])
         ax.plot(steps, means, lw=1.5, label=f"{args.label}: {run['run']}")
-    ax.axhline(1.7, color="k", ls=":", lw=1, label="random")
+    ax.axhline(args.random, color="k", ls=":", lw=1, label="random")
     ax.set_xlabel("env steps")
     ax.set_ylabel("last-100 training mean")
     ax.set_title(args.title)
