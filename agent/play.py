@@ -169,9 +169,13 @@ class PlaySession:
 
 
 class PlayServer(ThreadingHTTPServer):
-    """The HTTP server: one page, the JSON API, a session per browser tab. Model calls take one lock."""
+    """The HTTP server: one page, the JSON API, a session per browser tab. Model calls take one lock.
 
-    daemon_threads = True
+    Request threads are joined on close (no daemon thread is left running while the interpreter shuts
+    down), and a connection that sends nothing times out (`PlayHandler.timeout`), so Ctrl-C stops it.
+    """
+
+    daemon_threads = False
 
     def __init__(self, agent: LoadedAgent, host: str, port: int, fps: int, seed: int, device: torch.device) -> None:
         self.agent, self.fps, self.seed, self.device = agent, fps, seed, device
@@ -229,6 +233,7 @@ class SessionError(Exception):
 
 class PlayHandler(BaseHTTPRequestHandler):
     server: PlayServer
+    timeout = 3  # seconds a connection may stay silent (a browser's preconnect) before it is dropped
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass  # one line per frame would drown the terminal
