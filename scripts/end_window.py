@@ -18,7 +18,8 @@ binary reward head pays of a reward).
 its variants ``cls_wide``, ``cls_h8``, ``cls_tok``, ``cls_h8_tok``, see :func:`make_head`) or ``online``:
 the model's own trained heads, read with their window (``--sizes`` = ``reward.window`` + 1), first
 retrained on the frozen latents as a run trains them when ``--retrain-updates`` is given (the run's
-batches, with ``--train-flags`` added to the bench's flags).
+batches, with ``--train-flags`` added to the bench's flags; a flag of ``--world-model.reward`` gives
+the fresh heads another form, e.g. ``--world-model.reward.reader mlp``).
 
     python -m scripts.end_window runs/cand/K8_W8 --sizes 2 3 5 7 9
     python -m scripts.end_window runs/cand/K8_W8 --sizes 9 --depths 1 4 --heads online --retrain-updates 3000 \
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent.bench import load_world_model_check
-from agent.config import TrainConfig
+from agent.config import TrainConfig, parse_config, preset
 from agent.dyna import sample_world_model_batches
 from agent.replay import ReplayBuffer
 from agent.wm_report import encode_all, episode_windows, replay_of
@@ -138,13 +139,14 @@ def trained_head(wm: WorldModel, kind: str, W: int):
 
 
 def retrain_heads(wm: WorldModel, cfg: TrainConfig, replay: ReplayBuffer, updates: int) -> float:
-    """Fresh reward and continue heads, trained as a run trains them (its batches, its head losses,
-    AdamW at its learning rate) for ``updates`` updates on the frozen encoder's and predictor's latents:
-    what the heads learn when the latents stand still. Returns the seconds it took."""
+    """Fresh reward and continue heads of ``cfg.world_model.reward`` (its reader and window may differ from the
+    saved model's), trained as a run trains them (its batches, its head losses, AdamW at its learning rate)
+    for ``updates`` updates on the frozen encoder's and predictor's latents: what the heads learn when the
+    latents stand still. Returns the seconds it took."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    wm.reward_head = RewardPredictor(wm.reward_head.cfg)
-    wm.cont_head = RewardPredictor(wm.cont_head.cfg)
+    fresh = WorldModel(cfg.world_model, wm.num_actions)
+    wm.cfg.reward, wm.reward_head, wm.cont_head = cfg.world_model.reward, fresh.reward_head, fresh.cont_head
     params = [*wm.reward_head.parameters(), *wm.cont_head.parameters()]
     o = cfg.optim
     opt = torch.optim.AdamW(params, o.lr, weight_decay=o.weight_decay, eps=o.eps)
@@ -227,7 +229,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     check = json.loads((args.model_dir / "world_model_check.json").read_text())
-    wm, cfg = load_world_model_check(args.model_dir, check, shlex.split(args.train_flags))
+    wm, _ = load_world_model_check(args.model_dir, check)  # the saved heads' form, whatever the flags
+    cfg = parse_config(check["overrides"] + shlex.split(args.train_flags), preset(check["preset"] or "cpu"), "flags")
     K = cfg.world_model.context
     wm.eval()
     t0 = time.time()

@@ -186,15 +186,15 @@ def test_base_rates_calibrate_balanced_heads() -> None:
     assert abs(float(torch.sigmoid(cont_logit)) - 0.98) < 1e-4  # continuing is 98% of real transitions
 
 
-@pytest.mark.parametrize("head_window", [1, 3])
-def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay, head_window) -> None:
+@pytest.mark.parametrize(("head_window", "reader"), [(1, "attention"), (3, "attention"), (3, "mlp")])
+def test_calibrated_heads_predict_the_real_rates_on_real_windows(catch_replay, head_window, reader) -> None:
     """After ``calibrate_heads`` the calibrated heads, over the imagined steps run from the same real
     context under the same actions, predict a reward and an end as often on average as asked, whatever
     the untrained heads said; the heads' input statistics are not touched, and the shifts survive a
     state-dict round trip."""
     torch.manual_seed(0)
     cfg = small_cfg()
-    cfg.reward.window = head_window
+    cfg.reward.window, cfg.reward.reader = head_window, reader
     wm = WorldModel(cfg, num_actions=3)
     K, D = wm.cfg.context, 2
     batch = catch_replay.sample(32, K + D, np.random.default_rng(0))
@@ -485,6 +485,28 @@ def test_heads_reading_a_window_train_and_imagine(catch_replay) -> None:
     cfg.world_model.reward.window = K + 1
     with pytest.raises(ValueError, match="reward.window"):
         WorldModel(cfg.world_model, num_actions=3)
+
+
+def test_mlp_reader_heads_train_calibrate_and_load(catch_replay) -> None:
+    """Heads with ``reward.reader = "mlp"`` in the world model: the loss reaches every parameter, the reader
+    survives a config round trip, and a run written before the option loads with the document's attention
+    heads (calibration: ``test_calibrated_heads_predict_the_real_rates_on_real_windows``)."""
+    from agent.dyna import sample_world_model_batches
+
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    cfg.world_model.reward.reader, cfg.world_model.reward.window = "mlp", 2
+    wm = WorldModel(cfg.world_model, num_actions=3)
+    batch, head_batch, _ = sample_world_model_batches(catch_replay, cfg, np.random.default_rng(0), "cpu")
+    loss, _ = wm.compute_loss(batch, head_batch)
+    loss.backward()
+    for name, p in wm.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    back = from_dict(json.loads(json.dumps(to_dict(cfg))))
+    assert back.world_model.reward.reader == "mlp"
+    old = to_dict(cfg)
+    del old["world_model"]["reward"]["reader"]
+    assert from_dict(old).world_model.reward.reader == "attention"
 
 
 def test_predictor_reading_fewer_latents_than_the_heads(catch_replay) -> None:

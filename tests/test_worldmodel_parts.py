@@ -16,7 +16,7 @@ from worldmodel.layers import (
     apply_rope,
 )
 from worldmodel.predictor import LatentDynamicsPredictor, PredictorConfig
-from worldmodel.reward_predictor import RewardConfig, RewardPredictor
+from worldmodel.reward_predictor import MLPTransitionHead, RewardConfig, RewardPredictor, transition_head
 
 NUM_ACTIONS = 6
 
@@ -222,6 +222,25 @@ def test_residual_predictor_starts_by_holding_the_last_latent() -> None:
     nn.init.normal_(predictor.head.weight, std=0.02)  # as after a first update
     _assert_grads_reach_every_parameter(predictor, predictor(z, torch.arange(3)).pow(2).mean())
     assert not torch.allclose(predictor(z, actions), z[:, -1:])
+
+
+def test_mlp_reader_reads_the_same_inputs_in_order() -> None:
+    """``reward.reader = "mlp"``: the head's inputs and output shape are the document's, each position has
+    its own weights (a reversed window reads differently), gradients reach every parameter; the document's
+    attention form stays the default."""
+    B, T, E = 3, 4, 32
+    z_t, z_next = torch.randn(B, T, E), torch.randn(B, T, E)
+    assert isinstance(transition_head(RewardConfig(embed_dim=E)), RewardPredictor)
+    head = transition_head(RewardConfig(embed_dim=E, hidden_dim=16, out_dim=5, window=T, reader="mlp"))
+    assert isinstance(head, MLPTransitionHead)
+    out = head(z_t, z_next)
+    assert out.shape == (B, 1, 5)
+    assert not torch.allclose(out, head(z_t.flip(1), z_next.flip(1)), atol=1e-4)
+    _assert_grads_reach_every_parameter(head, out.pow(2).mean())
+    with pytest.raises(ValueError, match="window"):
+        head(z_t[:, 1:], z_next[:, 1:])
+    with pytest.raises(ValueError, match="reader"):
+        transition_head(RewardConfig(reader="lstm"))  # type: ignore[arg-type]
 
 
 def test_reward_predictor_window_reads_the_order_of_its_latents() -> None:

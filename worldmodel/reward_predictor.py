@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from einops import repeat
@@ -26,6 +27,11 @@ class RewardConfig:
     """Latents per input sequence (``T``). Above 1 each of the ``T`` positions gets a learned embedding,
     so the head can tell when in the window something happened (ARCHITECTURE.md allows sequences but
     gives them no order)."""
+    reader: Literal["attention", "mlp"] = "attention"
+    """How the head reads its latents: ``"attention"`` is ARCHITECTURE.md's ``RewardPredictor`` (a CLS token
+    attending over them); ``"mlp"`` concatenates them into a 2-layer MLP of width ``hidden_dim``
+    (:class:`MLPTransitionHead`), which read more of a reward's timing out of imagined latents
+    (docs/breakout_world_model.md, 2026-12-07)."""
 
 
 class RewardPredictor(nn.Module):
@@ -61,3 +67,30 @@ class RewardPredictor(nn.Module):
         seq = torch.cat([cls, before, after], dim=1)  # (B, 2T+1, H)
         out, _ = self.attn(cls, seq, seq, need_weights=False)  # (B, 1, H)
         return self.head(self.norm(out))
+
+
+class MLPTransitionHead(nn.Module):
+    """The same inputs and output as :class:`RewardPredictor`, read by an MLP: the ``T`` latents before and the
+    ``T`` after a transition, concatenated in order (so every position keeps its own weights), through two
+    GELU layers of width ``hidden_dim``."""
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, n_in = cfg.hidden_dim, 2 * cfg.window * cfg.embed_dim
+        self.net = nn.Sequential(nn.Linear(n_in, H), nn.GELU(), nn.Linear(H, H), nn.GELU(), nn.Linear(H, cfg.out_dim))
+
+    def forward(self, z_t: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
+        """``z_t [B, T, E]``, ``z_next [B, T, E]`` (``T`` = ``window``) -> ``[B, 1, out_dim]``."""
+        if z_t.shape[1] != self.cfg.window:
+            raise ValueError(f"head of window {self.cfg.window} got sequences of {z_t.shape[1]} latents")
+        return self.net(torch.cat([z_t, z_next], dim=1).flatten(1)).unsqueeze(1)
+
+
+def transition_head(cfg: RewardConfig) -> RewardPredictor | MLPTransitionHead:
+    """The head ``cfg.reader`` names."""
+    if cfg.reader == "attention":
+        return RewardPredictor(cfg)
+    if cfg.reader == "mlp":
+        return MLPTransitionHead(cfg)
+    raise ValueError(f"reward.reader must be 'attention' or 'mlp', got {cfg.reader!r}")

@@ -16,7 +16,7 @@ from worldmodel.encoder import EncoderConfig, VideoViT
 from worldmodel.layers import RunningStandardizer
 from worldmodel.motion_map import MotionMapHead, arrival_map, spatial_cross_entropy
 from worldmodel.predictor import LatentDynamicsPredictor, PredictorConfig
-from worldmodel.reward_predictor import RewardConfig, RewardPredictor
+from worldmodel.reward_predictor import RewardConfig, transition_head
 from worldmodel.twohot import make_bins, twohot, twohot_decode
 
 
@@ -260,7 +260,8 @@ def fit_shift(
 
 class WorldModel(nn.Module):
     """VideoViT encoder + LatentDynamicsPredictor + HybridConvTransformerDecoder + RewardPredictor,
-    plus a continue head (a second RewardPredictor with one logit) so imagined episodes can end."""
+    plus a continue head (a second RewardPredictor with one logit) so imagined episodes can end
+    (both an :class:`MLPTransitionHead` with ``reward.reader = "mlp"``)."""
 
     def __init__(self, cfg: WorldModelConfig, num_actions: int) -> None:
         super().__init__()
@@ -271,8 +272,8 @@ class WorldModel(nn.Module):
         self.encoder = VideoViT(cfg.encoder)
         self.predictor = LatentDynamicsPredictor(cfg.predictor, num_actions)
         self.decoder = HybridConvTransformerDecoder(cfg.decoder)
-        self.reward_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins}))
-        self.cont_head = RewardPredictor(RewardConfig(**{**vars(cfg.reward), "out_dim": 1}))
+        self.reward_head = transition_head(RewardConfig(**{**vars(cfg.reward), "out_dim": cfg.loss.reward_bins}))
+        self.cont_head = transition_head(RewardConfig(**{**vars(cfg.reward), "out_dim": 1}))
         self.motion_head = MotionMapHead(E, cfg.loss.motion_map_cells) if cfg.loss.motion_map > 0 else None
         self.register_buffer("reward_bins", make_bins(cfg.loss.reward_bins, cfg.loss.reward_limit), persistent=False)
         self.zero_bin = int(self.reward_bins.abs().argmin())
