@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -171,8 +172,9 @@ class PlaySession:
 class PlayServer(ThreadingHTTPServer):
     """The HTTP server: one page, the JSON API, a session per browser tab. Model calls take one lock.
 
-    Request threads are joined on close (no daemon thread is left running while the interpreter shuts
-    down), and a connection that sends nothing times out (`PlayHandler.timeout`), so Ctrl-C stops it.
+    Request threads are joined on close, so none is left running while the interpreter shuts down; close
+    first shuts down every open connection, so a client that sends nothing (a browser's preconnect) or
+    trickles bytes cannot hold Ctrl-C up.
     """
 
     daemon_threads = False
@@ -182,10 +184,31 @@ class PlayServer(ThreadingHTTPServer):
         self.sessions: dict[str, PlaySession] = {}
         self.lock = threading.Lock()
         self.created = 0
+        self.open_requests: set[socket.socket] = set()
+        self.requests_lock = threading.Lock()
         env = make_env(agent.cfg.env, num_envs=1, seed=seed)
         self.meanings: list[str] = list(env.action_meanings)
         env.close()
         super().__init__((host, port), PlayHandler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        with self.requests_lock:
+            self.open_requests.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self.requests_lock:
+            self.open_requests.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        with self.requests_lock:
+            for request in self.open_requests:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
+                except OSError:
+                    pass
+        super().server_close()  # joins the request threads
 
     def info(self) -> dict:
         return {
@@ -233,7 +256,7 @@ class SessionError(Exception):
 
 class PlayHandler(BaseHTTPRequestHandler):
     server: PlayServer
-    timeout = 3  # seconds a connection may stay silent (a browser's preconnect) before it is dropped
+    timeout = 10  # seconds a connection may stay silent while serving before it is dropped
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass  # one line per frame would drown the terminal
@@ -264,6 +287,8 @@ class PlayHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         try:
             length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError(f"Content-Length {length}")
             body = json.loads(self.rfile.read(length) or b"{}") if length else {}
             if not isinstance(body, dict):
                 raise SessionError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object")

@@ -27,6 +27,7 @@ the fresh heads another form, e.g. ``--world-model.reward.reader mlp``).
 """
 
 import argparse
+import dataclasses
 import json
 import shlex
 import time
@@ -145,8 +146,11 @@ def retrain_heads(wm: WorldModel, cfg: TrainConfig, replay: ReplayBuffer, update
     latents stand still. Returns the seconds it took."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    kept = dataclasses.replace(cfg.world_model, reward=wm.cfg.reward, loss=wm.cfg.loss)
+    if kept != wm.cfg:
+        raise SystemExit("--train-flags may change only --world-model.reward.* and --world-model.loss.* here")
     fresh = WorldModel(cfg.world_model, wm.num_actions)
-    wm.cfg.reward, wm.reward_head, wm.cont_head = cfg.world_model.reward, fresh.reward_head, fresh.cont_head
+    wm.cfg, wm.reward_head, wm.cont_head = cfg.world_model, fresh.reward_head, fresh.cont_head
     params = [*wm.reward_head.parameters(), *wm.cont_head.parameters()]
     o = cfg.optim
     opt = torch.optim.AdamW(params, o.lr, weight_decay=o.weight_decay, eps=o.eps)

@@ -20,7 +20,7 @@ others. Readers:
 Beside them, ``model_heads``: the model's own calibrated reward head on the same test windows (reward paid
 over the true reward, as ``bench world-model``'s ``reward_paid_share``).
 
-    python -m scripts.reward_readers runs/brk_sil_s2 --out docs/results/reward_readers_sil_s2.json
+    python -m scripts.reward_readers runs/brk_sil_s2 --out readers.json
 """
 
 import argparse

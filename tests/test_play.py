@@ -161,25 +161,31 @@ def test_server_api_frames_sessions_and_errors(server: str, agent: LoadedAgent) 
     assert call(server + "/api/teleport", {"id": a["id"]})[0] == 404
 
 
-def test_close_joins_request_threads_even_with_a_silent_connection(agent: LoadedAgent) -> None:
+def test_close_ends_every_request_thread_even_with_stalled_clients(agent: LoadedAgent) -> None:
     # No request thread may outlive the server: one left running while the interpreter shuts down can abort it.
     before = set(threading.enumerate())
     srv = PlayServer(agent, "127.0.0.1", 0, fps=15, seed=5, device=CPU)
-    serving = threading.Thread(target=srv.serve_forever)
+    serving = threading.Thread(target=srv.serve_forever, daemon=True)
     serving.start()
+    closing = threading.Thread(target=srv.server_close, daemon=True)
     silent = socket.create_connection(("127.0.0.1", srv.server_port))  # a browser's preconnect sends nothing
+    stalled = socket.create_connection(("127.0.0.1", srv.server_port))
+    stalled.sendall(b"POST /api/step HTTP/1.0\r\nContent-Length: 100\r\n\r\n{")  # and never the rest
     try:
         assert call(f"http://127.0.0.1:{srv.server_port}/api/info")[0] == 200
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=30) as negative:
+            negative.sendall(b"POST /api/step HTTP/1.0\r\nContent-Length: -1\r\n\r\n")
+            assert negative.recv(64).startswith(b"HTTP/1.0 400")
+    finally:
         srv.shutdown()
         serving.join()
-        closing = threading.Thread(target=srv.server_close)
         closing.start()
         closing.join(timeout=60)
-        assert not closing.is_alive()
-        assert set(threading.enumerate()) <= before
-    finally:
         silent.close()
+        stalled.close()
         srv.close_all()
+    assert not closing.is_alive()
+    assert set(threading.enumerate()) <= before
 
 
 def test_cli_errors_are_one_line_before_serving(tmp_path: Path, catch_run: Path) -> None:
