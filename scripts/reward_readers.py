@@ -34,20 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from agent.dyna import load_agent
-from agent.wm_report import encode_all
+from agent.wm_report import encode_all, episode_windows
 from envs.annotations import AnnotatedRollout, annotated_rollout
 from worldmodel.reward_predictor import RewardConfig, RewardPredictor
-from worldmodel.world_model import WorldModel
+from worldmodel.world_model import WorldModel, fit_shift
 
 
 def windows(ro: AnnotatedRollout, K: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Last context step ``t``, copy ``n`` and reward of transition ``t+d-1 -> t+d`` of every window with no
-    episode start in ``t-K+2 .. t+d``, in order of ``t``."""
-    S, N = ro.frames.shape[:2]
-    ts, ns = (a.ravel() for a in np.meshgrid(np.arange(K - 1, S - d), np.arange(N), indexing="ij"))
-    ok = ~np.any([ro.is_first[ts + k, ns] for k in range(-K + 2, d + 1)], axis=0)
-    order = np.argsort(ts[ok], kind="stable")
-    ts, ns = ts[ok][order], ns[ok][order]
+    """Last context step ``t``, copy ``n`` and reward of transition ``t+d-1 -> t+d`` of every window of K + d
+    frames inside one episode, in order of ``t``."""
+    starts, ns = episode_windows(ro.is_first, K + d, 0, ro.is_first.shape[0])
+    ts = starts + K - 1
     return ts, ns, ro.rewards[ts + d - 1, ns]
 
 
@@ -128,12 +125,8 @@ def fit_and_read(
             torch.cat([net(w[i : i + 4096], a[i : i + 4096]) for i in range(0, len(w), 4096)])
             for w, a, _ in (val, test)
         ]
-    hits = float(val[2].sum())
-    lo, hi = -20.0, 20.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if float(torch.sigmoid(logits[0] - mid).sum()) > hits else (lo, mid)
-    return torch.sigmoid(logits[1] - (lo + hi) / 2).numpy()
+    shift = fit_shift(lambda sh: torch.sigmoid(logits[0] - sh).mean(), float(val[2].mean()), decreasing=True)
+    return torch.sigmoid(logits[1] - shift.float()).numpy()
 
 
 def main() -> None:
