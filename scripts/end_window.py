@@ -19,7 +19,8 @@ its variants ``cls_wide``, ``cls_h8``, ``cls_tok``, ``cls_h8_tok``, see :func:`m
 the model's own trained heads, read with their window (``--sizes`` = ``reward.window`` + 1), first
 retrained on the frozen latents as a run trains them when ``--retrain-updates`` is given (the run's
 batches, with ``--train-flags`` added to the bench's flags; a flag of ``--world-model.reward`` gives
-the fresh heads another form, e.g. ``--world-model.reward.reader mlp``).
+the fresh heads another form, e.g. ``--world-model.reward.reader mlp``; ``--world-model.pred-steps`` trains
+them on deeper open-loop windows).
 
     python -m scripts.end_window runs/cand/K8_W8 --sizes 2 3 5 7 9
     python -m scripts.end_window runs/cand/K8_W8 --sizes 9 --depths 1 4 --heads online --retrain-updates 3000 \
@@ -141,14 +142,18 @@ def trained_head(wm: WorldModel, kind: str, W: int):
 
 def retrain_heads(wm: WorldModel, cfg: TrainConfig, replay: ReplayBuffer, updates: int) -> float:
     """Fresh reward and continue heads of ``cfg.world_model.reward`` (its reader and window may differ from the
-    saved model's), trained as a run trains them (its batches, its head losses, AdamW at its learning rate)
-    for ``updates`` updates on the frozen encoder's and predictor's latents: what the heads learn when the
-    latents stand still. Returns the seconds it took."""
+    saved model's, and so may ``pred_steps``, how deep the open-loop windows they learn on go), trained as a run
+    trains them (its batches, its head losses, AdamW at its learning rate) for ``updates`` updates on the frozen
+    encoder's and predictor's latents: what the heads learn when the latents stand still. Returns the seconds
+    it took."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    kept = dataclasses.replace(cfg.world_model, reward=wm.cfg.reward, loss=wm.cfg.loss)
+    kept = dataclasses.replace(cfg.world_model, reward=wm.cfg.reward, loss=wm.cfg.loss, pred_steps=wm.cfg.pred_steps)
     if kept != wm.cfg:
-        raise SystemExit("--train-flags may change only --world-model.reward.* and --world-model.loss.* here")
+        raise SystemExit(
+            "--train-flags may change only --world-model.reward.*, --world-model.loss.* and "
+            "--world-model.pred-steps here"
+        )
     fresh = WorldModel(cfg.world_model, wm.num_actions)
     wm.cfg, wm.reward_head, wm.cont_head = cfg.world_model, fresh.reward_head, fresh.cont_head
     params = [*wm.reward_head.parameters(), *wm.cont_head.parameters()]
