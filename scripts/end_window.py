@@ -156,6 +156,7 @@ def retrain_heads(wm: WorldModel, cfg: TrainConfig, replay: ReplayBuffer, update
         )
     fresh = WorldModel(cfg.world_model, wm.num_actions)
     wm.cfg, wm.reward_head, wm.cont_head = cfg.world_model, fresh.reward_head, fresh.cont_head
+    wm.reward_bins, wm.zero_bin = fresh.reward_bins, fresh.zero_bin  # a loss flag may set other bins
     params = [*wm.reward_head.parameters(), *wm.cont_head.parameters()]
     o = cfg.optim
     opt = torch.optim.AdamW(params, o.lr, weight_decay=o.weight_decay, eps=o.eps)
@@ -280,6 +281,8 @@ def main() -> None:
                 out = {
                     "kind": kind,
                     "head": form,
+                    "retrain_updates": args.retrain_updates,
+                    "train_flags": args.train_flags,
                     "positives": args.positives,
                     "window": W,
                     "depth": d,
