@@ -328,12 +328,16 @@ def speed_main(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
-def load_world_model_check(
-    out_dir: Path, check: dict, extra_flags: list[str] | None = None
-) -> tuple[WorldModel, TrainConfig]:
+def world_model_check_config(check: dict, extra_flags: list[str] | None = None) -> TrainConfig:
+    """The config of a ``bench world-model`` run from its parsed ``world_model_check.json``: its preset and
+    flags, with ``extra_flags`` after them."""
+    return parse_config(check["overrides"] + (extra_flags or []), preset(check["preset"] or "cpu"), "the bench's flags")
+
+
+def load_world_model_check(out_dir: Path, check: dict) -> tuple[WorldModel, TrainConfig]:
     """The world model that ``bench world-model --out-dir OUT_DIR`` saved, rebuilt from the preset and flags
-    in ``check`` (its parsed ``world_model_check.json``) with ``extra_flags`` after them, and its config."""
-    cfg = parse_config(check["overrides"] + (extra_flags or []), preset(check["preset"] or "cpu"), "the bench's flags")
+    in ``check`` (its parsed ``world_model_check.json``), and its config."""
+    cfg = world_model_check_config(check)
     saved = torch.load(out_dir / "world_model.pt", weights_only=True)
     wm = WorldModel(cfg.world_model, saved["num_actions"])
     wm.load_state_dict_compat(saved["world_model"])

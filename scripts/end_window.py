@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agent.bench import load_world_model_check
-from agent.config import TrainConfig, parse_config, preset
+from agent.bench import load_world_model_check, world_model_check_config
+from agent.config import TrainConfig
 from agent.dyna import sample_world_model_batches
 from agent.replay import ReplayBuffer
 from agent.wm_report import encode_all, episode_windows, replay_of
@@ -240,7 +240,7 @@ def main() -> None:
     torch.set_num_threads(1)
     check = json.loads((args.model_dir / "world_model_check.json").read_text())
     wm, _ = load_world_model_check(args.model_dir, check)  # the saved heads' form, whatever the flags
-    cfg = parse_config(check["overrides"] + shlex.split(args.train_flags), preset(check["preset"] or "cpu"), "flags")
+    cfg = world_model_check_config(check, shlex.split(args.train_flags))
     K = cfg.world_model.context
     wm.eval()
     t0 = time.time()
