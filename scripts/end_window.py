@@ -51,10 +51,25 @@ from worldmodel.world_model import WorldModel, fit_shift
 
 @torch.no_grad()
 def windows_at_depth(
-    wm: WorldModel, z: torch.Tensor, actions: np.ndarray, ends: np.ndarray, envs: np.ndarray, W: int, d: int
+    wm: WorldModel,
+    z: torch.Tensor,
+    actions: np.ndarray,
+    ends: np.ndarray,
+    envs: np.ndarray,
+    W: int,
+    d: int,
+    chunk: int = 8192,
 ) -> torch.Tensor:
     """Standardized latents ``[M, W * E]`` of the W frames ending at frame ``ends`` of copy ``envs``, the last
-    ``d`` of them predicted open loop from the ``K`` real frames before them."""
+    ``d`` of them predicted open loop from the ``K`` real frames before them; ``chunk`` windows at a time, so
+    that the predictor's activations stay small."""
+    if len(ends) > chunk:
+        return torch.cat(
+            [
+                windows_at_depth(wm, z, actions, ends[i : i + chunk], envs[i : i + chunk], W, d, chunk)
+                for i in range(0, len(ends), chunk)
+            ]
+        )
     K = wm.cfg.context
     real = z[ends[:, None] - W + 1 + np.arange(W), envs[:, None]]  # (M, W, E)
     if d > 0:
