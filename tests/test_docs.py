@@ -29,6 +29,43 @@ def test_relative_links_and_images_resolve(doc: Path) -> None:
     assert not missing, f"{doc.name} links to files that are not in the repository: {missing}"
 
 
+def _heading_anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation but ``-`` and ``_`` dropped, spaces
+    to ``-``, a repeated heading suffixed ``-1``, ``-2``, ..."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in doc.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_to_sections_resolve(doc: Path) -> None:
+    missing = []
+    for target in (m.group(1) for m in LINK.finditer(doc.read_text())):
+        path, _, anchor = target.partition("#")
+        if not anchor or re.match(r"[a-z]+://", target):
+            continue
+        page = doc.parent / path if path else doc
+        if page.suffix == ".md" and anchor not in _heading_anchors(page):
+            missing.append(target)
+    assert not missing, f"{doc.name} links to sections that do not exist: {missing}"
+
+
+def test_heading_anchors_follow_github() -> None:
+    doc = ROOT / "README.md"
+    assert "set-up-and-run-fresh-machine-python--311" in _heading_anchors(doc)
+    assert "what-does-not-work-yet" in _heading_anchors(doc)
+
+
 def test_readme_is_two_screens() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 
