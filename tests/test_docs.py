@@ -55,7 +55,7 @@ def test_links_to_sections_resolve(doc: Path) -> None:
         if not anchor or re.match(r"[a-z]+://", target):
             continue
         page = doc.parent / path if path else doc
-        if page.suffix == ".md" and anchor not in _heading_anchors(page):
+        if page.suffix == ".md" and page.exists() and anchor not in _heading_anchors(page):  # a missing file: above
             missing.append(target)
     assert not missing, f"{doc.name} links to sections that do not exist: {missing}"
 
