@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument("--train-flags", default="", help="flags of the retraining run, e.g. '--head-batch-size 16'")
     parser.add_argument("--train-steps", type=int, default=20_000)
     parser.add_argument("--test-steps", type=int, default=10_000)
+    parser.add_argument("--test-seed", type=int, default=1, help="seed of the held-out rollout (the fit's is 0)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -260,7 +261,7 @@ def main() -> None:
     wm.eval()
     t0 = time.time()
     tr = annotated_rollout("ALE/Breakout-v5", args.train_steps, 8, 0)
-    te = annotated_rollout("ALE/Breakout-v5", args.test_steps, 8, 1)
+    te = annotated_rollout("ALE/Breakout-v5", args.test_steps, 8, args.test_seed)
     z_tr, z_te = encode_all(wm, tr.frames), encode_all(wm, te.frames)
     print("data", round(time.time() - t0), flush=True)
     if args.retrain_updates:
