@@ -19,6 +19,9 @@ from agent.checkpoint import checkpoint_dirs, rank_replay_dir, read_rank_part, r
 from agent.distributed import from_environment, tensor_digests
 from agent.replay import ReplayBuffer, repartition
 
+# torchrun's rendezvous takes a fixed port (29500): under pytest-xdist these tests share one worker.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 TRAIN = ["--env", "wm/Catch-v0", "--preset", "debug", "--threads", "1", "--device", "cpu"]
 
 
