@@ -19,14 +19,13 @@ from agent.checkpoint import checkpoint_dirs, rank_replay_dir, read_rank_part, r
 from agent.distributed import from_environment, tensor_digests
 from agent.replay import ReplayBuffer, repartition
 
-# torchrun's rendezvous takes a fixed port (29500): under pytest-xdist these tests share one worker.
-pytestmark = pytest.mark.xdist_group("torchrun")
-
 TRAIN = ["--env", "wm/Catch-v0", "--preset", "debug", "--threads", "1", "--device", "cpu"]
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "agent.cli", *args]
+    # --standalone: a free rendezvous port, so runs side by side (pytest-xdist workers) do not share 29500.
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    cmd = [*run, "-m", "agent.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -169,6 +168,7 @@ def test_a_killed_rank_stops_the_other_with_one_line_naming_it(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc-per-node",
         "2",
         "-m",
