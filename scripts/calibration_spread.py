@@ -10,8 +10,11 @@ the model again (item 3's figures, computed as ``bench world-model`` computes th
 window rather than its subsample of the unrewarded ones):
 
 - ``saved``: the bench's own draw; ``population``: the shifts fitted on every training window (depth 1,
-  depths 1-5, depths 1-8); ``drawn``: ``--draws`` simulated draws of today's calibration (and of 8x as
-  many windows, and over depths 1-5), their shifts' mean and spread and the figures' mean and spread;
+  depths 1-5, depths 1-8) to the training replay's rates, as ``calibrate_on_replay`` targets them (windows inside
+  episodes hold a few percent more rewards and ends than the whole replay, and where the heads are near certain
+  that gap alone moves the fitted shift by logits); ``drawn``: ``--draws`` simulated draws of today's
+  calibration (and of 8x as many windows, and over depths 1-5): the mean and spread of their shifts and of
+  the figures;
 - ``unseen``: the shifts fitted on every window of the unseen set at depths 1-5, and on each half
   (first and last half of its steps) to see how stable that fit is;
 - ``log_ratio``: log of the held-out predicted over true rate of rewards and of ends, by depth.
