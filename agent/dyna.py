@@ -67,6 +67,19 @@ def stratum_weights(uniform_hit: torch.Tensor, events: int, rate: float) -> torc
     return w / w.sum()
 
 
+def calibration_weights(
+    rewarded_last: torch.Tensor, ended_last: torch.Tensor, n_rew: int, n_end: int, rates: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward and end heads' weights ``[U + n_rew + n_end]`` over calibration sequences in order [``U``
+    uniform, ``n_rew`` ending in a reward, ``n_end`` ending in an end], from whether each uniform one's last
+    transition is rewarded / ends (``[U]``) and the replay's ``rates``: :func:`stratum_weights` for each head,
+    which skips the other head's stratum."""
+    U = len(rewarded_last)
+    w_rew = stratum_weights(rewarded_last, n_rew, rates[0])
+    w_end = stratum_weights(ended_last, n_end, rates[1])
+    return torch.cat([w_rew, w_rew.new_zeros(n_end)]), torch.cat([w_end[:U], w_end.new_zeros(n_rew), w_end[U:]])
+
+
 def calibrate_on_replay(
     wm: WorldModel,
     replay: ReplayBuffer,
@@ -90,12 +103,8 @@ def calibrate_on_replay(
     n_rew = 0 if with_reward is None else CALIBRATION_EVENTS
     n_end = 0 if with_end is None else CALIBRATION_EVENTS
     parts = [b for b in (uniform, with_reward, with_end) if b is not None]
-    # Sequences in order [uniform, ending in a reward, ending in an end]; each head's average skips the
-    # other head's stratum.
-    w_rew = stratum_weights(uniform.rewards[:, -1] != 0, n_rew, rewarded)
-    w_rew = torch.cat([w_rew, w_rew.new_zeros(n_end)])
-    w_end = stratum_weights(uniform.terminated[:, -1] | uniform.life_loss[:, -1], n_end, ended)
-    w_end = torch.cat([w_end[:CALIBRATION_SEQUENCES], w_end.new_zeros(n_rew), w_end[CALIBRATION_SEQUENCES:]])
+    ended_last = uniform.terminated[:, -1] | uniform.life_loss[:, -1]
+    w_rew, w_end = calibration_weights(uniform.rewards[:, -1] != 0, ended_last, n_rew, n_end, (rewarded, ended))
     frames = torch.cat([b.frames for b in parts])
     actions = torch.cat([b.actions for b in parts])
     return wm.calibrate_heads(frames, actions, rewarded, ended, w_rew, w_end)

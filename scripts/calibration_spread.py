@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from agent.bench import load_world_model_check
-from agent.dyna import CALIBRATION_EVENTS, CALIBRATION_SEQUENCES, stratum_weights
+from agent.dyna import CALIBRATION_EVENTS, CALIBRATION_SEQUENCES, calibration_weights
 from agent.replay import ReplayBuffer, random_replay
 from agent.wm_report import SIGN_SHARE, encode_all, episode_windows, replay_of
 from envs.annotations import annotated_rollout
 from worldmodel.twohot import twohot_decode
-from worldmodel.world_model import WorldModel, fit_shift
+from worldmodel.world_model import WorldModel
 
 DEPTHS = tuple(range(1, 9))
 HORIZON = tuple(range(1, 6))  # the presets' imagination horizon
@@ -80,7 +80,7 @@ class Scorer:
     rewarded and ended fractions, the targets of every fit."""
 
     def __init__(self, wm: WorldModel, rates: tuple[float, float]) -> None:
-        self.zb, self.bins, self.rates = wm.zero_bin, wm.reward_bins.cpu(), rates
+        self.wm, self.zb, self.bins, self.rates = wm, wm.zero_bin, wm.reward_bins.cpu(), rates
         self.zero = F.one_hot(torch.tensor(self.zb), len(self.bins)).float()
 
     def p_reward(self, rew: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
@@ -88,9 +88,7 @@ class Scorer:
 
     def fit(self, rew: torch.Tensor, cont: torch.Tensor, w_rew: torch.Tensor, w_end: torch.Tensor) -> list[float]:
         """The shifts at which the ``w``-weighted mean predicted rates meet :attr:`rates`."""
-        reward = fit_shift(lambda s: (self.p_reward(rew, s) * w_rew).sum(), self.rates[0], True)
-        end = fit_shift(lambda s: ((1 - torch.sigmoid(cont + s)) * w_end).sum(), self.rates[1], True)
-        return [float(reward), float(end)]
+        return self.wm.fit_head_shifts(rew, cont, w_rew, w_end, *self.rates).tolist()
 
     def fit_all(self, sets: dict, depths: tuple[int, ...], half: int | None = None) -> list[float]:
         """Every window of ``sets`` at ``depths`` (or the first / second ``half`` of each depth's, in start
@@ -116,18 +114,17 @@ class Scorer:
             r_ = rng.choice(np.flatnonzero(t["reward"].numpy() != 0), n_events)
             e_ = rng.choice(np.flatnonzero(t["ended"].numpy()), n_events)
             idx = np.concatenate([u, r_, e_])
-            wr = stratum_weights(t["reward"][u] != 0, n_events, self.rates[0])
-            we = stratum_weights(t["ended"][u], n_events, self.rates[1])
+            wr, we = calibration_weights(t["reward"][u] != 0, t["ended"][u], n_events, n_events, self.rates)
             rew.append(t["rew"][idx])
             cont.append(t["cont"][idx])
-            w_rew.append(torch.cat([wr, torch.zeros(n_events)]) / len(depths))
-            w_end.append(torch.cat([we[:n_uniform], torch.zeros(n_events), we[n_uniform:]]) / len(depths))
+            w_rew.append(wr / len(depths))
+            w_end.append(we / len(depths))
         return self.fit(torch.cat(rew), torch.cat(cont), torch.cat(w_rew), torch.cat(w_end))
 
     def score(self, test: dict, shifts: list[float]) -> dict[str, dict[int, float]]:
         """Item 3's figures on the held-out logits under ``shifts``, by depth, and the log ratios of the
         predicted to the true rate of rewards and of ends."""
-        out: dict[str, dict[int, float]] = {k: {} for k in ("paid", "unrewarded", "sign", "lives", "false_end")}
+        out: dict[str, dict[int, float]] = {k: {} for k in FIGURES}
         out.update(log_ratio_reward={}, log_ratio_end={})
         for d in DEPTHS:
             t = test[d]

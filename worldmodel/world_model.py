@@ -374,23 +374,38 @@ class WorldModel(nn.Module):
             cont.append(c.float())
             window = torch.cat([window[:, 1:], z_next.to(window.dtype)], dim=1)
         self.train(was_training)
-        rew_logits, cont_logit = torch.cat(rew), torch.cat(cont)  # (D * B, bins), (D * B,)
-        device = rew_logits.device
-        zero = F.one_hot(torch.tensor(self.zero_bin, device=device), rew_logits.shape[-1]).to(rew_logits)
         B, D = len(frames), len(rew)
         equal = torch.full((B,), 1 / B, device=frames.device)
         w_rew = (equal if reward_weights is None else reward_weights).float().repeat(D) / D
         w_end = (equal if end_weights is None else end_weights).float().repeat(D) / D
+        fitted = self.fit_head_shifts(torch.cat(rew), torch.cat(cont), w_rew, w_end, rewarded, ended)
+        self.head_shifts.copy_(fitted)
+        return {"reward_shift": fitted[0], "cont_shift": fitted[1]}
+
+    def fit_head_shifts(
+        self,
+        rew_logits: torch.Tensor,
+        cont_logit: torch.Tensor,
+        reward_weights: torch.Tensor,
+        end_weights: torch.Tensor,
+        rewarded: float,
+        ended: float,
+    ) -> torch.Tensor:
+        """The (reward zero bin, continue) logit shifts ``[2]`` at which the heads' unshifted logits
+        (``[N, bins]``, ``[N]``), averaged with weights ``[N]`` summing to 1, predict a reward and an end at
+        fractions ``rewarded`` and ``ended``; :attr:`head_shifts` is left as it is."""
+        device = rew_logits.device
+        zero = F.one_hot(torch.tensor(self.zero_bin, device=device), rew_logits.shape[-1]).to(rew_logits)
 
         def p_reward(shift: torch.Tensor) -> torch.Tensor:
-            return 1 - ((rew_logits + shift * zero).softmax(-1)[:, self.zero_bin] * w_rew).sum()
+            return 1 - ((rew_logits + shift * zero).softmax(-1)[:, self.zero_bin] * reward_weights).sum()
 
         def p_end(shift: torch.Tensor) -> torch.Tensor:
-            return 1 - (torch.sigmoid(cont_logit + shift) * w_end).sum()
+            return 1 - (torch.sigmoid(cont_logit + shift) * end_weights).sum()
 
-        fitted = [fit_shift(p_reward, rewarded, True, device=device), fit_shift(p_end, ended, True, device=device)]
-        self.head_shifts.copy_(torch.stack(fitted))
-        return {"reward_shift": fitted[0], "cont_shift": fitted[1]}
+        return torch.stack(
+            [fit_shift(p_reward, rewarded, True, device=device), fit_shift(p_end, ended, True, device=device)]
+        )
 
     def load_state_dict_compat(self, state_dict: dict[str, torch.Tensor]) -> None:
         """``load_state_dict``; checkpoints written with ``base_rates`` (fractions, before ``head_shifts``)
