@@ -568,7 +568,13 @@ def bench_main(argv: list[str], device_of) -> int:
     )
     w.add_argument("--preset", default="cpu", choices=PRESETS)
     w.add_argument("--updates", type=int, default=1000)
-    w.add_argument("--data-steps", type=int, default=20_000, help="random-policy env steps to train on")
+    w.add_argument(
+        "--data-steps",
+        type=int,
+        default=100_000,
+        help="random-policy env steps to train on (as many as a 100k-step run's replay holds; 20k, the default"
+        " until 2026-12-08, holds ~130 rewarded Breakout steps, which the heads memorize)",
+    )
     w.add_argument("--test-steps", type=int, default=10_000, help="held-out random-policy env steps the measures read")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument(
